@@ -1,0 +1,121 @@
+"""The one place where megatron-core is adapted to CPU-only machines (gloo, no CUDA).
+
+`apply_cpu_patches()` is called by `runtime.initialize` only when CUDA is absent; importing this module
+changes nothing. Each patch names the megatron-core 0.19 code it works around.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+_APPLIED = False
+
+
+class CPURNGStatesTracker:
+    """Named RNG streams on the CPU generator, standing in for megatron-core's CudaRNGStatesTracker.
+
+    Works around megatron/core/tensor_parallel/random.py `CudaRNGStatesTracker.add` and `.fork`, which
+    read and write `torch.cuda` RNG states.
+    """
+
+    def __init__(self, **_):
+        self.reset()
+
+    def reset(self):
+        self.states_, self.seeds_, self._is_initialized = {}, set(), False
+
+    def is_initialized(self):
+        return self._is_initialized
+
+    def get_states(self):
+        return dict(self.states_)
+
+    def set_states(self, states):
+        self._is_initialized, self.states_ = True, dict(states)
+
+    def add(self, name, seed):
+        if seed in self.seeds_ or name in self.states_:
+            raise ValueError(f"RNG stream {name!r} or seed {seed} already registered")
+        self._is_initialized = True
+        self.seeds_.add(seed)
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name="model-parallel-rng"):
+        if name not in self.states_:
+            raise ValueError(f"RNG stream {name!r} was not added")
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+
+def _current_device_cpu() -> str:
+    return "cpu"
+
+
+class _CPUEvent:
+    """A completed event: CPU work is synchronous."""
+
+    def synchronize(self):
+        pass
+
+    def wait(self, stream=None):
+        pass
+
+    def query(self):
+        return True
+
+
+class _CPUStream:
+    """Stand-in for torch.cuda.Stream: CPU ops run in order, so waits and events are no-ops."""
+
+    def __init__(self, *_, **__):
+        pass
+
+    def wait_stream(self, other):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def record_event(self, event=None):
+        return event or _CPUEvent()
+
+    def synchronize(self):
+        pass
+
+
+_DEFAULT_STREAM = _CPUStream()
+
+
+def apply_cpu_patches() -> None:
+    """Make megatron-core's CUDA-assuming paths run on CPU. Idempotent; refuses to run when CUDA exists."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("apply_cpu_patches is for machines without CUDA")
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    # torch.cuda.current_device() is used as a device literal in megatron-core, e.g.
+    # models/common/embeddings/yarn_rotary_pos_embedding.py YarnRotaryEmbedding.__init__/get_emb,
+    # transformer/moe/router.py TopKRouter.__init__ (expert_bias, local_tokens_per_expert buffers),
+    # transformer/multi_token_prediction.py (MTP loss tracker), models/gpt/gpt_model.py (MTP labels),
+    # tensor_parallel/layers.py (weight allocation), distributed/param_and_grad_buffer.py (grad buffers).
+    torch.cuda.current_device = _current_device_cpu
+
+    # transformer/moe/token_dispatcher.py MoEAlltoAllTokenDispatcher.__init__ creates torch.cuda.Stream() and
+    # _maybe_dtoh_and_synchronize uses torch.cuda.current_stream / torch.cuda.stream / record_event().synchronize.
+    torch.cuda.Stream = _CPUStream
+    torch.cuda.current_stream = lambda device=None: _DEFAULT_STREAM
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
+
+    # tensor_parallel/random.py initialize_rng_tracker picks `CudaRNGStatesTracker` as the base tracker class;
+    # model_parallel_cuda_manual_seed then calls its add(), which needs CUDA RNG states.
+    mcore_random.CudaRNGStatesTracker = CPURNGStatesTracker
+    _APPLIED = True

@@ -1,0 +1,41 @@
+"""Build a megatron-core GPTModel from a DSV3Config with the registered `dsv3` spec."""
+from __future__ import annotations
+
+from typing import Optional
+
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+
+from megatron_dsv3 import registry
+from megatron_dsv3.config import DSV3Config
+from megatron_dsv3.model.backends import get_backend
+from megatron_dsv3.model.transformer_config import to_mcore_config
+
+
+def build_model(config: DSV3Config, backend: Optional[str] = None, *, spec: str = "dsv3",
+                pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
+                vp_stage: Optional[int] = None, **mcore_overrides) -> GPTModel:
+    """A GPTModel for this pipeline stage; `model(input_ids, position_ids, attention_mask)` gives logits.
+
+    `backend` is 'local', 'te' or None (TE when importable on a GPU). Extra keyword arguments set
+    megatron-core TransformerConfig fields (bf16, fp8, recompute, ...).
+    """
+    mcore_config = to_mcore_config(config, **mcore_overrides)
+    chosen = get_backend(backend)
+    model_spec = registry.get(spec)
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    return GPTModel(
+        config=mcore_config,
+        transformer_layer_spec=model_spec.decoder_block_spec(mcore_config, chosen, vp_stage=vp_stage),
+        vocab_size=config.vocab_size,
+        max_sequence_length=config.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=config.tie_word_embeddings,
+        position_embedding_type="rope",  # MLA applies its own (decoupled) RoPE; GPTModel adds none
+        mtp_block_spec=model_spec.mtp_block_spec(mcore_config, chosen, vp_stage=vp_stage),
+        vp_stage=vp_stage,
+    )
