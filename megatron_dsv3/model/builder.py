@@ -27,7 +27,7 @@ def build_model(config: DSV3Config, backend: Optional[str] = None, *, spec: str 
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-    return GPTModel(
+    model = GPTModel(
         config=mcore_config,
         transformer_layer_spec=model_spec.decoder_block_spec(mcore_config, chosen, vp_stage=vp_stage),
         vocab_size=config.vocab_size,
@@ -39,3 +39,5 @@ def build_model(config: DSV3Config, backend: Optional[str] = None, *, spec: str 
         mtp_block_spec=model_spec.mtp_block_spec(mcore_config, chosen, vp_stage=vp_stage),
         vp_stage=vp_stage,
     )
+    model.dsv3_config = config
+    return model

@@ -10,7 +10,7 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
-from megatron.core.transformer.multi_latent_attention import MLASelfAttention, MLASelfAttentionSubmodules
+from megatron.core.transformer.multi_latent_attention import MLASelfAttentionSubmodules
 from megatron.core.transformer.multi_token_prediction import (
     MultiTokenPredictionBlockSubmodules,
     MultiTokenPredictionLayer,
@@ -25,6 +25,7 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 
+from megatron_dsv3.attention.mla import DSV3MLASelfAttention
 from megatron_dsv3.model.backends import Backend
 from megatron_dsv3.moe.router import DeepSeekRouter
 
@@ -34,7 +35,7 @@ def mla_spec(config, backend: Backend) -> ModuleSpec:
     col = backend.provider.column_parallel_linear()
     has_q_lora = config.q_lora_rank is not None
     return ModuleSpec(
-        module=MLASelfAttention,
+        module=DSV3MLASelfAttention,
         params={"attn_mask_type": AttnMaskType.causal},
         submodules=MLASelfAttentionSubmodules(
             linear_q_proj=col,
