@@ -15,7 +15,7 @@ $(STAMP): setup.py
 install: $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m megatron_dsv3.demo
+	$(PY) examples/quickstart.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

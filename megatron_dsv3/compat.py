@@ -93,6 +93,16 @@ class _CPUStream:
 _DEFAULT_STREAM = _CPUStream()
 
 
+def _split_sizes_as_lists(all_to_all):
+    """gloo's all_to_all_single accepts split sizes only as Python lists of ints."""
+
+    def wrapped(group, input_, output_split_sizes_=None, input_split_sizes=None, use_nccl_stream=False):
+        as_list = lambda sizes: None if sizes is None else [int(n) for n in sizes]  # noqa: E731
+        return all_to_all(group, input_, as_list(output_split_sizes_), as_list(input_split_sizes), use_nccl_stream)
+
+    return wrapped
+
+
 def apply_cpu_patches() -> None:
     """Make megatron-core's CUDA-assuming paths run on CPU. Idempotent; refuses to run when CUDA exists."""
     global _APPLIED
@@ -101,6 +111,7 @@ def apply_cpu_patches() -> None:
     if torch.cuda.is_available():
         raise RuntimeError("apply_cpu_patches is for machines without CUDA")
     from megatron.core.tensor_parallel import random as mcore_random
+    from megatron.core.transformer.moe import token_dispatcher
 
     # torch.cuda.current_device() is used as a device literal in megatron-core, e.g.
     # models/common/embeddings/yarn_rotary_pos_embedding.py YarnRotaryEmbedding.__init__/get_emb,
@@ -114,6 +125,10 @@ def apply_cpu_patches() -> None:
     torch.cuda.Stream = _CPUStream
     torch.cuda.current_stream = lambda device=None: _DEFAULT_STREAM
     torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
+
+    # transformer/moe/token_dispatcher.py MoEAlltoAllTokenDispatcher.token_dispatch/token_combine pass numpy
+    # split sizes (from _maybe_dtoh_and_synchronize) to tensor_parallel/mappings.py all_to_all.
+    token_dispatcher.all_to_all = _split_sizes_as_lists(token_dispatcher.all_to_all)
 
     # tensor_parallel/random.py initialize_rng_tracker picks `CudaRNGStatesTracker` as the base tracker class;
     # model_parallel_cuda_manual_seed then calls its add(), which needs CUDA RNG states.

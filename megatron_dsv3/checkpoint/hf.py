@@ -241,5 +241,8 @@ def load_hf_state_dict(model: torch.nn.Module, hf_state_dict: Mapping[str, torch
 
 
 def _is_mtp_name(name: str, cfg: DSV3Config) -> bool:
+    """Layers num_hidden_layers .. +D-1 hold the MTP modules (layer 61 in V3, ignored by transformers too)."""
     parts = name.split(".")
-    return len(parts) > 2 and parts[1] == "layers" and parts[2].isdigit() and int(parts[2]) >= cfg.num_hidden_layers
+    if len(parts) < 3 or parts[1] != "layers" or not parts[2].isdigit():
+        return False
+    return 0 <= int(parts[2]) - cfg.num_hidden_layers < max(cfg.num_nextn_predict_layers, 1)
