@@ -16,6 +16,7 @@ def free_port() -> int:
 
 
 def torchrun(worker: str, nproc: int, out_dir: Path, *args: str, timeout: int = 300) -> list[dict]:
+    out_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
            f"--master-port={free_port()}", str(REPO / "tests" / "dist" / worker), str(out_dir), *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))

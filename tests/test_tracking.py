@@ -1,0 +1,168 @@
+"""Tests for MoE routing metrics, the load heatmap and the offline wandb tracker."""
+import glob
+import json
+import math
+import os
+import struct
+import sys
+
+import pytest
+import torch
+
+from megatron_dsv3.tracking.moe_metrics import expert_load_heatmap, moe_step_metrics
+
+LOADS = torch.tensor([[4.0, 2.0, 2.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+BIASES = torch.tensor([[0.1, -0.1, 0.3, -0.3], [0.0, 0.0, 0.0, 0.0]])
+NAMES = ["layer_03", "mtp_0"]
+
+
+def test_moe_step_metrics_hand_computed():
+    m = moe_step_metrics(LOADS, BIASES, NAMES)
+    for e, v in enumerate([4.0, 2.0, 2.0, 0.0]):
+        assert m[f"moe/layer_03/tokens_per_expert/{e}"] == v
+    # layer_03: mean 2, max 4, population std sqrt((4+0+0+4)/4) = sqrt(2)
+    assert m["moe/layer_03/load_imbalance"] == pytest.approx(2.0)
+    assert m["moe/layer_03/load_cv"] == pytest.approx(math.sqrt(2) / 2)
+    assert m["moe/layer_03/bias_mean"] == pytest.approx(0.0)
+    assert m["moe/layer_03/bias_std"] == pytest.approx(math.sqrt((0.01 + 0.01 + 0.09 + 0.09) / 4))
+    assert m["moe/layer_03/bias_min"] == pytest.approx(-0.3)
+    assert m["moe/layer_03/bias_max"] == pytest.approx(0.3)
+    assert m["moe/mtp_0/load_imbalance"] == pytest.approx(1.0)
+    assert m["moe/mtp_0/load_cv"] == pytest.approx(0.0)
+    assert m["moe/max_load_imbalance"] == pytest.approx(2.0)
+    assert len(m) == 2 * (4 + 6) + 1
+    assert all(isinstance(v, float) for v in m.values())
+
+
+def test_moe_step_metrics_all_zero_layer_and_bad_shape():
+    m = moe_step_metrics(torch.zeros(1, 3), torch.zeros(1, 3), ["layer_00"])
+    assert m["moe/layer_00/load_imbalance"] == 1.0
+    assert m["moe/layer_00/load_cv"] == 0.0
+    assert all(math.isfinite(v) for v in m.values())
+    with pytest.raises(ValueError):
+        moe_step_metrics(LOADS, BIASES, ["only_one"])
+
+
+def test_expert_load_heatmap_image_data():
+    from matplotlib.figure import Figure
+
+    older = torch.tensor([[0.0, 4.0, 2.0, 2.0], [2.0, 2.0, 2.0, 2.0]])
+    fig = expert_load_heatmap([older, LOADS], NAMES)
+    assert isinstance(fig, Figure)
+    ax = fig.axes[0]
+    data = ax.images[0].get_array()
+    assert data.shape == (2, 4)
+    assert data[0].tolist() == pytest.approx([2.0, 1.0, 1.0, 0.0])  # latest step / its mean
+    assert ax.get_title() and ax.get_xlabel() == "expert" and ax.get_ylabel()
+    assert len(fig.axes) == 2  # colour bar
+    avg = expert_load_heatmap([older, LOADS], NAMES, window=2).axes[0].images[0].get_array()
+    assert avg[0].tolist() == pytest.approx([1.0, 1.5, 1.0, 0.5])
+
+
+def _read_wandb_records(path):
+    """Decode a .wandb file (leveldb-log framing of protobuf Records) without any network access."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = open(path, "rb").read()
+    assert data[:4] == b":W&B"
+    block, pos, pending, payloads = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # block trailer padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:  # zero padding to the end of the block
+            pos += left
+            continue
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == 1:
+            payloads.append(chunk)
+        elif kind == 2:
+            pending = chunk
+        elif kind == 3:
+            pending += chunk
+        elif kind == 4:
+            payloads.append(pending + chunk)
+    records = []
+    for payload in payloads:
+        rec = pb.Record()
+        rec.ParseFromString(payload)
+        records.append(rec)
+    return records
+
+
+def _history_rows(run_dir):
+    (path,) = glob.glob(os.path.join(run_dir, "run-*.wandb"))
+    rows = []
+    for rec in _read_wandb_records(path):
+        if rec.WhichOneof("record_type") != "history":
+            continue
+        row = {}
+        for item in rec.history.item:
+            key = item.key or "/".join(item.nested_key)
+            row[key] = json.loads(item.value_json) if item.value_json else None
+        rows.append(row)
+    return rows
+
+
+@pytest.fixture
+def offline_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def test_offline_run_history_roundtrip(offline_env):
+    pytest.importorskip("wandb")
+    from megatron_dsv3.tracking.wandb_tracker import WandbTracker
+
+    save_dir = offline_env / "runs"
+    with WandbTracker("dsv3-test", exp_name="t", save_dir=str(save_dir), config={"lr": 1e-3},
+                      rank=0, heatmap_interval=2) as tracker:
+        assert tracker.offline
+        for step in range(1, 4):
+            tracker.log({"lm loss": 3.0 - 0.1 * step, "lr": torch.tensor(1e-3)}, step=step)
+            tracker.log_moe(LOADS * step, BIASES, NAMES, step=step)
+        run_dir = tracker.run_dir
+    assert run_dir and os.path.isdir(run_dir) and run_dir.startswith(str(save_dir))
+    tracker.finish()  # second call is a no-op
+
+    rows = _history_rows(run_dir)
+    by_step = {row["_step"]: row for row in rows}
+    assert sorted(by_step) == [1, 2, 3]
+    for step, row in by_step.items():
+        for name in NAMES:
+            for e in range(4):
+                assert row[f"moe/{name}/tokens_per_expert/{e}"] == pytest.approx(LOADS[NAMES.index(name), e].item() * step)
+            assert f"moe/{name}/load_imbalance" in row
+        assert row["moe/max_load_imbalance"] == pytest.approx(2.0)
+        assert row["lm loss"] == pytest.approx(3.0 - 0.1 * step)
+        assert ("moe/expert_load_heatmap" in row) == (step == 2)
+
+
+def test_nonzero_rank_is_noop(offline_env):
+    pytest.importorskip("wandb")
+    from megatron_dsv3.tracking.wandb_tracker import WandbTracker
+
+    save_dir = offline_env / "rank1"
+    tracker = WandbTracker("dsv3-test", save_dir=str(save_dir), rank=1)
+    tracker.log({"x": 1.0}, step=1)
+    tracker.log_moe(LOADS, BIASES, NAMES, step=1)
+    tracker.finish()
+    assert tracker.run_dir is None and not tracker.enabled
+    assert not save_dir.exists()
+
+
+def test_missing_wandb_raises(monkeypatch):
+    from megatron_dsv3.tracking.wandb_tracker import WandbTracker
+
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(ValueError) as err:
+        WandbTracker("dsv3-test", rank=1)
+    assert str(err.value) == "--wandb-project: wandb is not installed; pip install 'megatron-dsv3[wandb]'"
