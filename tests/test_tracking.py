@@ -5,6 +5,7 @@ import math
 import os
 import struct
 import sys
+import time
 
 import pytest
 import torch
@@ -93,10 +94,17 @@ def _read_wandb_records(path):
     return records
 
 
-def _history_rows(run_dir):
+def _history_rows(run_dir, timeout=20.0):
+    """History rows of a finished offline run; waits for the exit record since wandb-core writes asynchronously."""
     (path,) = glob.glob(os.path.join(run_dir, "run-*.wandb"))
+    deadline = time.monotonic() + timeout
+    records = _read_wandb_records(path)
+    while not any(r.WhichOneof("record_type") == "exit" for r in records):
+        assert time.monotonic() < deadline, "offline run file never received its exit record"
+        time.sleep(0.2)
+        records = _read_wandb_records(path)
     rows = []
-    for rec in _read_wandb_records(path):
+    for rec in records:
         if rec.WhichOneof("record_type") != "history":
             continue
         row = {}
@@ -139,11 +147,16 @@ def test_offline_run_history_roundtrip(offline_env):
     for step, row in by_step.items():
         for name in NAMES:
             for e in range(4):
-                assert row[f"moe/{name}/tokens_per_expert/{e}"] == pytest.approx(LOADS[NAMES.index(name), e].item() * step)
+                expected = LOADS[NAMES.index(name), e].item() * step
+                assert row[f"moe/{name}/tokens_per_expert/{e}"] == pytest.approx(expected)
             assert f"moe/{name}/load_imbalance" in row
         assert row["moe/max_load_imbalance"] == pytest.approx(2.0)
         assert row["lm loss"] == pytest.approx(3.0 - 0.1 * step)
-        assert ("moe/expert_load_heatmap" in row) == (step == 2)
+        has_image = any(k.startswith("moe/expert_load_heatmap") for k in row)
+        assert has_image == (step == 2)  # heatmap_interval=2
+    image = by_step[2]
+    assert image["moe/expert_load_heatmap/_type"] == "image-file"
+    assert os.path.isfile(os.path.join(run_dir, "files", image["moe/expert_load_heatmap/path"]))
 
 
 def test_nonzero_rank_is_noop(offline_env):
@@ -166,3 +179,15 @@ def test_missing_wandb_raises(monkeypatch):
     with pytest.raises(ValueError) as err:
         WandbTracker("dsv3-test", rank=1)
     assert str(err.value) == "--wandb-project: wandb is not installed; pip install 'megatron-dsv3[wandb]'"
+
+
+def test_offline_without_api_key(monkeypatch, tmp_path):
+    pytest.importorskip("wandb")
+    from megatron_dsv3.tracking import wandb_tracker
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert not wandb_tracker._has_api_key()
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_tracker._has_api_key()
