@@ -93,6 +93,44 @@ class _CPUStream:
 _DEFAULT_STREAM = _CPUStream()
 
 
+class _CudaLiteralsOnCPU(torch.overrides.TorchFunctionMode):
+    """Rewrites device="cuda" in tensor factory calls to the CPU, and `t.cuda()` to `t`, while active."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        device = kwargs.get("device")
+        if device is not None and torch.device(device).type == "cuda":
+            kwargs = {**kwargs, "device": "cpu"}
+        return func(*args, **kwargs)
+
+
+def _clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """optimizer/clip_grads.py clip_grad_by_total_norm_fp32 without its `torch.cuda.FloatTensor` assert."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr) for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if isinstance(clip_coeff, torch.Tensor):
+        clip_coeff = clip_coeff.clamp_max(1.0)
+    elif clip_coeff >= 1.0:
+        return
+    torch._foreach_mul_(grads, clip_coeff)
+
+
+def _cuda_literals_on_cpu(fn):
+    """Run a megatron-core function whose body builds tensors with a literal device="cuda"."""
+
+    def wrapped(*args, **kwargs):
+        with _CudaLiteralsOnCPU():
+            return fn(*args, **kwargs)
+
+    wrapped.__wrapped__ = fn
+    return wrapped
+
+
 def _split_sizes_as_lists(all_to_all):
     """gloo's all_to_all_single accepts split sizes only as Python lists of ints."""
 
@@ -110,6 +148,10 @@ def apply_cpu_patches() -> None:
         return
     if torch.cuda.is_available():
         raise RuntimeError("apply_cpu_patches is for machines without CUDA")
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as mcore_optimizer
+    from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random as mcore_random
     from megatron.core.transformer.moe import token_dispatcher
 
@@ -125,10 +167,38 @@ def apply_cpu_patches() -> None:
     torch.cuda.Stream = _CPUStream
     torch.cuda.current_stream = lambda device=None: _DEFAULT_STREAM
     torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
+    # pipeline_parallel/p2p_communication.py P2PCommunicator._communicate calls torch.cuda.synchronize().
+    torch.cuda.synchronize = lambda device=None: None
 
     # transformer/moe/token_dispatcher.py MoEAlltoAllTokenDispatcher.token_dispatch/token_combine pass numpy
     # split sizes (from _maybe_dtoh_and_synchronize) to tensor_parallel/mappings.py all_to_all.
     token_dispatcher.all_to_all = _split_sizes_as_lists(token_dispatcher.all_to_all)
+
+    # Literal device="cuda" tensors: optimizer/optimizer.py FP32Optimizer.__init__ (self._scale);
+    # optimizer/clip_grads.py get_grad_norm_fp32 / clip_grad_by_total_norm_fp32 / count_zeros_fp32
+    # (norm and overflow buffers, also imported by name into optimizer/optimizer.py);
+    # pipeline_parallel/schedules.py forward_backward_* (total_num_tokens counters).
+    # models/common/language_module/language_module.py setup_embeddings_and_output_layer moves the shared
+    # embedding to CUDA (weight.data.cuda()) before all-reducing it across pipeline stages.
+    LanguageModule.setup_embeddings_and_output_layer = _cuda_literals_on_cpu(
+        LanguageModule.setup_embeddings_and_output_layer)
+
+    # optimizer/optimizer.py MegatronOptimizer.has_grad_norm_group (flag tensor), reached from the
+    # step() of ChainedOptimizer / FP32Optimizer / MixedPrecisionOptimizer.
+    fp32_optimizer = mcore_optimizer.FP32Optimizer
+    fp32_optimizer.__init__ = _cuda_literals_on_cpu(fp32_optimizer.__init__)
+    for cls in (mcore_optimizer.ChainedOptimizer, fp32_optimizer, mcore_optimizer.MixedPrecisionOptimizer):
+        cls.step = _cuda_literals_on_cpu(cls.step)
+    # clip_grad_by_total_norm_fp32 also asserts each grad is a torch.cuda.FloatTensor: replaced outright.
+    for name in ("get_grad_norm_fp32", "count_zeros_fp32"):
+        wrapped = _cuda_literals_on_cpu(getattr(clip_grads, name))
+        setattr(clip_grads, name, wrapped)
+        setattr(mcore_optimizer, name, wrapped)
+    clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
+    mcore_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
+    for name in ("forward_backward_no_pipelining", "forward_backward_pipelining_without_interleaving",
+                 "forward_backward_pipelining_with_interleaving"):
+        setattr(schedules, name, _cuda_literals_on_cpu(getattr(schedules, name)))
 
     # tensor_parallel/random.py initialize_rng_tracker picks `CudaRNGStatesTracker` as the base tracker class;
     # model_parallel_cuda_manual_seed then calls its add(), which needs CUDA RNG states.

@@ -7,7 +7,7 @@ PRESETS: dict[str, DSV3Config] = {
     # Trains on a laptop CPU in seconds: every DeepSeek-V3 feature on, at toy width.
     "tiny": DSV3Config(
         vocab_size=512, hidden_size=64, intermediate_size=160, moe_intermediate_size=32,
-        num_hidden_layers=3, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32,
+        num_hidden_layers=4, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32,
         qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_shared_experts=1, n_routed_experts=8,
         num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1, max_position_embeddings=1024,
         rope_scaling=YarnConfig(factor=4.0, original_max_position_embeddings=256), initializer_range=0.02,

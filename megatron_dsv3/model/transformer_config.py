@@ -96,6 +96,7 @@ def to_mcore_config(cfg: DSV3Config, **overrides) -> DSV3TransformerConfig:
         sequence_parallel=cfg.tensor_model_parallel_size > 1,
         use_cpu_initialization=not torch.cuda.is_available(),
         params_dtype=torch.float32,
+        pipeline_dtype=torch.float32,
         **_yarn_fields(cfg),
         **moe,
     )
