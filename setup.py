@@ -19,5 +19,5 @@ setup(
         "plot": ["matplotlib"],
         "te": ["transformer-engine[pytorch]>=2.3"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": ["dsv3-pretrain = megatron_dsv3.training.pretrain:main"]},
 )

@@ -2,10 +2,17 @@
 
 Importing registers the `dsv3` model spec; it patches nothing (CPU workarounds apply in runtime.initialize).
 """
-from megatron_dsv3 import presets, registry, runtime
-from megatron_dsv3.config import DSV3Config, YarnConfig
-from megatron_dsv3.model.builder import build_model
-from megatron_dsv3.model.specs import decoder_block_spec, mtp_block_spec
+import warnings
+
+# megatron-core warns on import that the optional GPU extras (Transformer Engine, Apex) are absent; on the CPU
+# machines this plugin supports that is the expected state, so only these notices are silenced.
+warnings.filterwarnings("ignore", message=r"(Transformer Engine and Apex are|Apex is) not installed")
+warnings.filterwarnings("ignore", message=r"absl\.logging is not installed")
+
+from megatron_dsv3 import presets, registry, runtime  # noqa: E402
+from megatron_dsv3.config import DSV3Config, YarnConfig  # noqa: E402
+from megatron_dsv3.model.builder import build_model  # noqa: E402
+from megatron_dsv3.model.specs import decoder_block_spec, mtp_block_spec  # noqa: E402
 
 registry.register(registry.ModelSpec("dsv3", decoder_block_spec, mtp_block_spec), replace=True)
 

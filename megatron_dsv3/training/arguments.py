@@ -54,6 +54,24 @@ _YARN = {
 }
 
 
+_FLAG_OF_FIELD = {field: "--" + dest.replace("_", "-") for dest, field in _DIRECT.items()}
+_FLAG_OF_FIELD.update({
+    "rms_norm_eps": "--norm-epsilon", "n_shared_experts": "--moe-shared-expert-intermediate-size",
+    "first_k_dense_replace": "--moe-layer-freq", "seq_aux_alpha": "--moe-aux-loss-coeff",
+    "tie_word_embeddings": "--untie-embeddings-and-output-weights",
+    **{f"rope_scaling.{f}": "--" + d.replace("_", "-") for d, f in _YARN.items()},
+})
+
+
+def _as_flag_error(err: Exception) -> "UsageError":
+    """Rephrase `DSV3Config.<field>: ...` as `--<megatron-flag> (<field>): ...` for command-line users."""
+    text = str(err)
+    if text.startswith("DSV3Config."):
+        field, _, rest = text[len("DSV3Config."):].partition(": ")
+        text = f"{_FLAG_OF_FIELD.get(field, field)} ({field}): {rest}"
+    return UsageError(text)
+
+
 class UsageError(ValueError):
     """Bad command-line input: reported as one line and exit code 2."""
 
@@ -171,7 +189,7 @@ def config_from_args(args: argparse.Namespace, explicit: set[str]) -> DSV3Config
     try:
         return base.replace(**fields)
     except (ValueError, TypeError) as err:
-        raise UsageError(str(err)) from None
+        raise _as_flag_error(err) from None
 
 
 def vars_of(yarn: YarnConfig) -> dict:

@@ -1,0 +1,118 @@
+"""`dsv3-pretrain`: train DeepSeek-V3 with megatron-core on CPU (gloo) or GPUs (NCCL), one process or torchrun.
+
+Megatron-LM's flags plus `--model-spec dsv3` and `--preset`; ends by printing one JSON line of results.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from megatron_dsv3.training.arguments import UsageError, config_from_args, parse_megatron_args
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The run's schedule, validated once from Megatron-LM's flags."""
+
+    seq_length: int
+    micro_batch_size: int
+    global_batch_size: int
+    num_microbatches: int
+    train_iters: int
+    lr: float
+    min_lr: float
+    lr_warmup_iters: int
+    lr_decay_style: str
+    weight_decay: float
+    adam_beta1: float
+    adam_beta2: float
+    clip_grad: float
+    seed: int
+    log_interval: int
+    eval_interval: Optional[int]
+    eval_iters: int
+    save: Optional[str]
+    save_interval: Optional[int]
+    load: Optional[str]
+
+
+def _settings(args, data_parallel_size: int) -> TrainSettings:
+    if args.train_iters is None or args.train_iters <= 0:
+        raise UsageError("--train-iters: required, a positive number of optimizer steps")
+    if args.seq_length is None or args.seq_length <= 0:
+        raise UsageError("--seq-length: required, a positive sequence length in tokens")
+    mbs = args.micro_batch_size or 1
+    gbs = args.global_batch_size or mbs * data_parallel_size
+    if mbs <= 0 or gbs <= 0 or gbs % (mbs * data_parallel_size):
+        raise UsageError(f"--global-batch-size: {gbs} must be a positive multiple of --micro-batch-size ({mbs}) "
+                         f"x data-parallel size ({data_parallel_size})")
+    if args.save_interval is not None and args.save is None:
+        raise UsageError("--save-interval: needs --save DIR")
+    lr = 1e-3 if args.lr is None else args.lr
+    if lr <= 0:
+        raise UsageError(f"--lr: must be > 0, got {lr}")
+    return TrainSettings(
+        seq_length=args.seq_length, micro_batch_size=mbs, global_batch_size=gbs,
+        num_microbatches=gbs // (mbs * data_parallel_size), train_iters=args.train_iters, lr=lr,
+        min_lr=args.min_lr, lr_warmup_iters=args.lr_warmup_iters, lr_decay_style=args.lr_decay_style,
+        weight_decay=args.weight_decay, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
+        clip_grad=args.clip_grad, seed=args.seed, log_interval=args.log_interval, eval_interval=args.eval_interval,
+        eval_iters=args.eval_iters, save=args.save, save_interval=args.save_interval, load=args.load)
+
+
+def _world_sizes(cfg) -> int:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    model_parallel = cfg.tensor_model_parallel_size * cfg.pipeline_model_parallel_size
+    if world % model_parallel:
+        raise UsageError(f"--tensor-model-parallel-size x --pipeline-model-parallel-size = {model_parallel} "
+                         f"does not divide the number of processes ({world})")
+    dp = world // model_parallel
+    if dp % cfg.expert_model_parallel_size:
+        raise UsageError(f"--expert-model-parallel-size: {cfg.expert_model_parallel_size} does not divide the "
+                         f"data-parallel size {dp}")
+    return dp
+
+
+def run(argv: Sequence[str]) -> dict:
+    """Parse, build, train, checkpoint; returns the summary that is printed as JSON."""
+    from megatron_dsv3.training.trainer import Trainer
+
+    args, explicit = parse_megatron_args(argv)
+    cfg = config_from_args(args, explicit)
+    dp = _world_sizes(cfg)
+    settings = _settings(args, dp)
+    trainer = Trainer(cfg, settings, args)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
+
+
+def _quiet_libraries() -> None:
+    """megatron-core logs every parameter and config at INFO and warns about absent GPU extras: keep stderr for us."""
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*(is deprecated|scope is deprecated)")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Console entry point: bad input ends with one line on stderr and exit code 2."""
+    _quiet_libraries()
+    from megatron_dsv3.checkpoint.dist import CheckpointError
+
+    try:
+        summary = run(sys.argv[1:] if argv is None else argv)
+    except (UsageError, CheckpointError) as err:
+        print(f"dsv3-pretrain: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""One training or evaluation step on megatron-core's schedules, and the metrics DeepSeek-V3 users watch."""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+from megatron_dsv3.moe.balancing import biased_routers
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Token-summed LM loss, its token count and a [sum, count] report (megatron-core's 3-tuple contract)."""
+    losses = output_tensor.float()
+    loss = torch.sum(losses * loss_mask)
+    num_tokens = loss_mask.sum().to(torch.int)
+    return loss, num_tokens, {"lm loss": torch.stack([loss.detach(), num_tokens.float()])}
+
+
+def forward_step(data_iterator, model):
+    """megatron-core forward_step: next micro-batch through the GPTModel (MTP loss is attached inside)."""
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                   loss_mask=batch["loss_mask"])
+    return output, partial(loss_func, batch["loss_mask"].float())
+
+
+def router_names(model_chunks) -> list[str]:
+    """Readable names for the biased routers, decoder layers by global number then MTP modules."""
+    names = []
+    for router in biased_routers(model_chunks):
+        number = getattr(router, "layer_number", None)
+        names.append(f"mtp_{number - 1}" if router.is_mtp_layer else f"layer_{number - 1:02d}")
+    return names
+
+
+class LoadCapture:
+    """finalize_model_grads that records global expert loads just before megatron-core's bias update resets them."""
+
+    def __init__(self, model_chunks):
+        self.model_chunks = model_chunks
+        self.loads: dict[str, torch.Tensor] = {}
+        self.biases: dict[str, torch.Tensor] = {}
+
+    def __call__(self, model, num_tokens=None, **kwargs):
+        routers = biased_routers(self.model_chunks)
+        if routers:
+            loads = torch.stack([r.local_tokens_per_expert for r in routers]).clone()
+            group = parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
+            torch.distributed.all_reduce(loads, group=group)
+            self.loads = dict(zip(router_names(self.model_chunks), loads))
+        result = finalize_model_grads(model, num_tokens, **kwargs)
+        self.biases = {n: r.expert_bias.detach().clone()
+                       for n, r in zip(router_names(self.model_chunks), biased_routers(self.model_chunks))}
+        return result
+
+
+def _last_stage_scalar(values: dict[str, float], keys: list[str]) -> dict[str, float]:
+    """Broadcast scalars computed on the last pipeline stage to every stage (so rank 0 can log them)."""
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return values
+    buf = torch.tensor([values.get(k, 0.0) for k in keys], dtype=torch.float64)
+    group = parallel_state.get_pipeline_model_parallel_group()
+    src = torch.distributed.get_global_rank(group, group.size() - 1)
+    torch.distributed.broadcast(buf, src=src, group=group)
+    return dict(zip(keys, buf.tolist()))
+
+
+def reduce_losses(losses: list[dict], forward_only: bool = False) -> dict[str, float]:
+    """Token-weighted mean LM loss over micro-batches and data-parallel ranks."""
+    out = {}
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and losses:
+        total = torch.stack([d["lm loss"] for d in losses]).sum(dim=0)
+        torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+        out["lm_loss"] = (total[0] / total[1]).item()
+    return _last_stage_scalar(out, ["lm_loss"])
+
+
+def moe_and_mtp_metrics(config, num_microbatches: int, iteration: int) -> dict[str, float]:
+    """Sequence-wise balance loss (mean over MoE layers) and MTP loss, reduced over ranks, then cleared."""
+    scalars: dict[str, float] = {}
+    if config.num_moe_experts:
+        total = {}
+        get_moe_metrics_tracker().report(
+            loss_scale=1.0 / num_microbatches, iteration=iteration, force_initialize=True,
+            track_names=["seq_load_balancing_loss"], num_layers=config.num_layers,
+            moe_layer_freq=config.moe_layer_freq, mtp_num_layers=config.mtp_num_layers, total_loss_dict=total)
+        scalars["seq_balance_loss"] = float(total.get("seq_load_balancing_loss", 0.0))
+    if config.mtp_num_layers:
+        tracker = MTPLossLoggingHelper.tracker
+        if "loss_values" in tracker:
+            MTPLossLoggingHelper.reduce_metrics_in_tracker()
+            scalars["mtp_loss"] = (tracker["loss_values"].sum() / num_microbatches).item()
+            MTPLossLoggingHelper.clean_metrics_in_tracker()
+        scalars.update(_last_stage_scalar(scalars, ["mtp_loss"]))
+    return scalars
+
+
+def train_step(model_chunks, optimizer, scheduler, data_iterator, *, num_microbatches: int, seq_length: int,
+               micro_batch_size: int, global_batch_size: int) -> dict[str, float]:
+    """Forward/backward over the global batch with megatron-core's schedule, optimizer and LR steps."""
+    for chunk in model_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=data_iterator, model=model_chunks,
+        num_microbatches=num_microbatches, seq_length=seq_length, micro_batch_size=micro_batch_size,
+        decoder_seq_length=seq_length, forward_only=False)
+    update_ok, grad_norm, _ = optimizer.step()
+    if update_ok:
+        scheduler.step(increment=global_batch_size)
+    metrics = reduce_losses(losses)
+    metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+    metrics["lr"] = optimizer.param_groups[0]["lr"]
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(model_chunks, data_iterator, *, iters: int, num_microbatches: int, seq_length: int,
+             micro_batch_size: int) -> float:
+    """Mean validation LM loss over `iters` global batches."""
+    for chunk in model_chunks:
+        chunk.eval()
+    totals = []
+    for _ in range(iters):
+        losses = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=data_iterator, model=model_chunks,
+            num_microbatches=num_microbatches, seq_length=seq_length, micro_batch_size=micro_batch_size,
+            decoder_seq_length=seq_length, forward_only=True)
+        totals.append(reduce_losses(losses, forward_only=True)["lm_loss"])
+    for chunk in model_chunks:
+        chunk.train()
+    get_moe_metrics_tracker().clear()
+    MTPLossLoggingHelper.clean_metrics_in_tracker()
+    return sum(totals) / len(totals)
