@@ -15,7 +15,7 @@ $(STAMP): setup.py
 install: $(STAMP)
 
 run: $(STAMP)
-	$(PY) examples/quickstart.py
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash examples/train_tiny_cpu.sh
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -12,6 +12,7 @@ setup(
         "megatron-core>=0.19,<0.20",
         "numpy",
         "tqdm",
+        "psutil",  # megatron-core distributed checkpointing needs it
     ],
     extras_require={
         "test": ["pytest", "transformers>=5", "safetensors", "hypothesis"],

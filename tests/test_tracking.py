@@ -1,16 +1,13 @@
 """Tests for MoE routing metrics, the load heatmap and the offline wandb tracker."""
-import glob
-import json
 import math
 import os
-import struct
 import sys
-import time
 
 import pytest
 import torch
 
 from megatron_dsv3.tracking.moe_metrics import expert_load_heatmap, moe_step_metrics
+from megatron_dsv3.tracking.offline_history import read_history
 
 LOADS = torch.tensor([[4.0, 2.0, 2.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
 BIASES = torch.tensor([[0.1, -0.1, 0.3, -0.3], [0.0, 0.0, 0.0, 0.0]])
@@ -60,61 +57,6 @@ def test_expert_load_heatmap_image_data():
     assert avg[0].tolist() == pytest.approx([1.0, 1.5, 1.0, 0.5])
 
 
-def _read_wandb_records(path):
-    """Decode a .wandb file (leveldb-log framing of protobuf Records) without any network access."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = open(path, "rb").read()
-    assert data[:4] == b":W&B"
-    block, pos, pending, payloads = 32768, 7, b"", []
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:  # block trailer padding
-            pos += left
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if kind == 0:  # zero padding to the end of the block
-            pos += left
-            continue
-        chunk = data[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind == 1:
-            payloads.append(chunk)
-        elif kind == 2:
-            pending = chunk
-        elif kind == 3:
-            pending += chunk
-        elif kind == 4:
-            payloads.append(pending + chunk)
-    records = []
-    for payload in payloads:
-        rec = pb.Record()
-        rec.ParseFromString(payload)
-        records.append(rec)
-    return records
-
-
-def _history_rows(run_dir, timeout=20.0):
-    """History rows of a finished offline run; waits for the exit record since wandb-core writes asynchronously."""
-    (path,) = glob.glob(os.path.join(run_dir, "run-*.wandb"))
-    deadline = time.monotonic() + timeout
-    records = _read_wandb_records(path)
-    while not any(r.WhichOneof("record_type") == "exit" for r in records):
-        assert time.monotonic() < deadline, "offline run file never received its exit record"
-        time.sleep(0.2)
-        records = _read_wandb_records(path)
-    rows = []
-    for rec in records:
-        if rec.WhichOneof("record_type") != "history":
-            continue
-        row = {}
-        for item in rec.history.item:
-            key = item.key or "/".join(item.nested_key)
-            row[key] = json.loads(item.value_json) if item.value_json else None
-        rows.append(row)
-    return rows
-
-
 @pytest.fixture
 def offline_env(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -141,7 +83,7 @@ def test_offline_run_history_roundtrip(offline_env):
     assert run_dir and os.path.isdir(run_dir) and run_dir.startswith(str(save_dir))
     tracker.finish()  # second call is a no-op
 
-    rows = _history_rows(run_dir)
+    rows = read_history(run_dir)
     by_step = {row["_step"]: row for row in rows}
     assert sorted(by_step) == [1, 2, 3]
     for step, row in by_step.items():

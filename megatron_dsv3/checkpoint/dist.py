@@ -1,9 +1,6 @@
-"""Training checkpoints on megatron-core distributed checkpointing: any TP/PP/EP layout, atomic publish.
+"""Training checkpoints on megatron-core distributed checkpointing, so any TP/PP/EP layout saves and loads.
 
-Layout (Megatron-LM style): `save_dir/iter_0000100/` holds megatron-core's sharded files (its
-`metadata.json` gains our world/tp/pp/ep fields), `train_state.json` and `rng/rank{r}.pt`;
-`save_dir/latest_checkpointed_iteration.txt` names the newest complete iteration.
-"""
+Megatron-LM layout (`iter_0000100/`, `latest_checkpointed_iteration.txt`), published atomically by rank 0."""
 from __future__ import annotations
 
 import json
@@ -46,8 +43,7 @@ def _world() -> int:
 
 
 def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+    return dist.barrier() if dist.is_initialized() else None
 
 
 def _broadcast(obj):
@@ -118,9 +114,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_json(path: Path, obj) -> None:
+def _write_text(path: Path, text: str) -> None:
+    """Replace `path` atomically: write a temp file, fsync it, os.replace."""
     tmp = path.with_name(path.name + f".tmp-{secrets.token_hex(4)}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    tmp.write_text(text)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -144,11 +141,7 @@ def _publish(tmp: Path, final: Path, save_dir: Path, iteration: int) -> None:
             os.rename(aside, final)  # put the previous copy back before reporting the failure
         raise
     _fsync_dir(save_dir)
-    latest_tmp = save_dir / f"{LATEST}.tmp-{secrets.token_hex(4)}"
-    latest_tmp.write_text(f"{iteration}\n")
-    with open(latest_tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(latest_tmp, save_dir / LATEST)
+    _write_text(save_dir / LATEST, f"{iteration}\n")
     _fsync_dir(save_dir)
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
@@ -156,11 +149,9 @@ def _publish(tmp: Path, final: Path, save_dir: Path, iteration: int) -> None:
 
 def save_checkpoint(save_dir, iteration: int, model_chunks: Sequence, optimizer=None, scheduler=None,
                     train_state: Optional[dict] = None) -> str:
-    """Save model, optimizer, scheduler, train state and per-rank RNG for `iteration`; return its dir.
+    """Save model, optimizer, scheduler, train_state and per-rank RNG; return the iteration dir.
 
-    Everything is written to `iter_N.tmp-<nonce>` and renamed into place by rank 0 only once all ranks
-    finished, so a crash at any point leaves the previous `latest` checkpoint loadable.
-    """
+    All ranks write `iter_N.tmp-<nonce>`; rank 0 renames it in, so a crash keeps the previous `latest`."""
     if not isinstance(iteration, int) or iteration < 0:
         raise ValueError(f"iteration: expected a non-negative int, got {iteration!r}")
     model_chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
@@ -192,18 +183,19 @@ def save_checkpoint(save_dir, iteration: int, model_chunks: Sequence, optimizer=
                     pp=parallel_state.get_pipeline_model_parallel_world_size(),
                     ep=parallel_state.get_expert_model_parallel_world_size(),
                     has_optimizer=optimizer is not None, has_scheduler=scheduler is not None)
-        _write_json(tmp / META, meta)
-        _write_json(tmp / TRAIN_STATE, train_state)
+        _write_text(tmp / META, json.dumps(meta, indent=1, sort_keys=True))
+        _write_text(tmp / TRAIN_STATE, json.dumps(train_state, indent=1, sort_keys=True))
         save_integrity_manifest(str(tmp))
+    _barrier()
+    _fsync_tree(tmp)  # every rank, so shards written on other nodes are durable too
     _barrier()
 
     error = None
     if rank == 0:
         try:
-            _fsync_tree(tmp)
             _publish(tmp, final, save_dir, iteration)
         except Exception as exc:  # reported on every rank so none waits forever
-            error = f"{type(exc).__name__}: {exc}"
+            error = _brief(exc)
     error = _broadcast(error)
     if error is not None:
         raise RuntimeError(f"save_checkpoint: publishing {tmp} as {final} failed ({error}); "
@@ -212,7 +204,14 @@ def save_checkpoint(save_dir, iteration: int, model_chunks: Sequence, optimizer=
 
 
 def _fail(path, problem: str):
-    raise CheckpointError(f"--load: {path}: {problem}")
+    error = CheckpointError(f"--load: {path}: {problem}")
+    error.__suppress_context__ = True  # one line for the user, not the chained library traceback
+    raise error
+
+
+def _brief(exc: BaseException) -> str:
+    """An exception as one short line (torch and megatron-core errors can span many)."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:240]}"
 
 
 def _resolve(load_dir: Path) -> tuple[int, Path]:
@@ -249,14 +248,13 @@ def load_checkpoint(load_dir, model_chunks: Sequence, optimizer=None, scheduler=
                     load_rng: bool = True) -> dict:
     """Load the `latest` checkpoint into model (strict), optimizer, scheduler and RNG; return train_state.
 
-    Every file is checked (existence, JSON, SHA-256 of each top-level file) before any module is changed.
-    """
+    Files are checked (existence, JSON, SHA-256) before anything is changed; problems raise CheckpointError."""
     model_chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     iteration, path = _resolve(Path(load_dir).absolute())
     try:
         verify_integrity_manifest(str(path))
     except Exception as exc:
-        _fail(path, f"corrupt or incomplete: {str(exc).strip()[:300]}")
+        _fail(path, f"corrupt or incomplete ({_brief(exc)})")
     meta = _read_json(path / META)
     train_state = _read_json(path / TRAIN_STATE)
     if optimizer is not None and not meta.get("has_optimizer", True):
@@ -271,7 +269,7 @@ def load_checkpoint(load_dir, model_chunks: Sequence, optimizer=None, scheduler=
         try:
             rng = torch.load(rng_file, weights_only=False)
         except Exception as exc:  # torch reports truncation as several different errors
-            _fail(rng_file, f"corrupt RNG state ({type(exc).__name__}: {exc})")
+            _fail(rng_file, f"corrupt RNG state ({_brief(exc)})")
     elif load_rng:
         log.warning("--load: %s was saved with world size %s, now %s: RNG states are not restored",
                     path, meta.get("world_size"), _world())
@@ -281,15 +279,15 @@ def load_checkpoint(load_dir, model_chunks: Sequence, optimizer=None, scheduler=
         state["opt_param_scheduler"] = {}
     try:
         loaded = dist_checkpointing.load(state, str(path))
-    except Exception as exc:  # truncated/missing shards, hash mismatch, absent tensors
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        _fail(path, f"corrupt or incompatible shards ({type(exc).__name__}: {first[:300]})")
+    except Exception as exc:  # unreadable shards, tensors absent from the checkpoint, shape mismatch
+        _fail(path, f"corrupt or incompatible shards ({_brief(exc)})")
 
     for i, chunk in enumerate(model_chunks):
         _unwrap(chunk).load_state_dict(loaded[_model_key(i, len(model_chunks))], strict=True)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None:
+        scheduler.num_steps = 0  # megatron-core's load_state_dict adds the saved count to the current one
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if rng is not None:
         _set_rng_state(rng)

@@ -39,6 +39,7 @@ class TrainSettings:
     save: Optional[str]
     save_interval: Optional[int]
     load: Optional[str]
+    exit_interval: Optional[int]
 
 
 def _settings(args, data_parallel_size: int) -> TrainSettings:
@@ -62,7 +63,8 @@ def _settings(args, data_parallel_size: int) -> TrainSettings:
         min_lr=args.min_lr, lr_warmup_iters=args.lr_warmup_iters, lr_decay_style=args.lr_decay_style,
         weight_decay=args.weight_decay, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
         clip_grad=args.clip_grad, seed=args.seed, log_interval=args.log_interval, eval_interval=args.eval_interval,
-        eval_iters=args.eval_iters, save=args.save, save_interval=args.save_interval, load=args.load)
+        eval_iters=args.eval_iters, save=args.save, save_interval=args.save_interval, load=args.load,
+        exit_interval=args.exit_interval)
 
 
 def _world_sizes(cfg) -> int:

@@ -176,6 +176,8 @@ class Trainer:
                     self.tracker.log({"valid/lm_loss": valid_loss}, step=self.iteration)
             if s.save and s.save_interval and self.iteration % s.save_interval == 0:
                 self._save()
+            if s.exit_interval and self.iteration % s.exit_interval == 0:
+                break  # Megatron-LM's --exit-interval: stop here (the checkpoint below is still written)
         bar.close()
         if s.save and (self.checkpoint is None or not self.checkpoint.endswith(f"{self.iteration:07d}")):
             self._save()

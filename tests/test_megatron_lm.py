@@ -1,0 +1,170 @@
+"""Megatron-LM integration: providers for megatron.training.pretrain, launch scripts and the pretrain_gpt patch."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import megatron_dsv3 as m
+from megatron_dsv3 import megatron_lm as mlm
+from megatron_dsv3.moe.balancing import biased_routers
+
+REPO = Path(__file__).resolve().parents[1]
+PATCH = REPO / "patches" / "megatron-lm-core_r0.19.0-pretrain_gpt.patch"
+
+
+def _other_provider(parser):
+    parser.add_argument("--my-own-flag", type=int, default=0)
+    return parser
+
+
+def _parse(monkeypatch, argv, existing=_other_provider):
+    from megatron.training.arguments import parse_args
+
+    monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py", *argv])
+    monkeypatch.setattr(mlm, "_PARSER", {})
+    return parse_args(mlm.chained_extra_args_provider(existing))
+
+
+def test_megatron_parser_accepts_plugin_deepseek_and_existing_flags(monkeypatch):
+    args = _parse(monkeypatch, ["--model-spec", "dsv3", "--preset", "tiny", "--my-own-flag", "7",
+                                "--num-experts", "16", "--moe-router-topk", "4", "--q-lora-rank", "48",
+                                "--moe-router-score-function", "sigmoid", "--dsv3-backend", "local"])
+    assert (args.model_spec, args.preset, args.my_own_flag, args.dsv3_backend) == ("dsv3", "tiny", 7, "local")
+    assert (args.num_experts, args.moe_router_topk, args.q_lora_rank) == (16, 4, 48)
+    tiny = m.presets.get_preset("tiny")
+    assert (args.num_layers, args.hidden_size, args.kv_lora_rank) == (4, 64, 32)  # preset shape as defaults
+    assert args.moe_layer_freq == [0] * tiny.first_k_dense_replace + [1] * 3
+    assert mlm.is_dsv3_requested(args)
+    assert not mlm.is_dsv3_requested(_parse(monkeypatch, ["--num-layers", "2"], existing=None))
+
+
+def test_config_is_the_preset_with_explicit_overrides(monkeypatch):
+    args = _parse(monkeypatch, ["--preset", "tiny", "--num-experts", "16", "--moe-router-topk", "4",
+                                "--num-layers", "3", "--seq-length", "8"])
+    cfg = mlm.dsv3_config_from_megatron_args(args)
+    tiny = m.presets.get_preset("tiny")
+    assert cfg == tiny.replace(n_routed_experts=16, num_experts_per_tok=4, num_hidden_layers=3)
+    assert mlm.dsv3_config_from_megatron_args(_parse(monkeypatch, ["--preset", "tiny"])) == tiny
+
+
+@pytest.fixture
+def megatron_args(monkeypatch, runtime):
+    from megatron.training import get_args, global_vars
+
+    args = _parse(monkeypatch, ["--model-spec", "dsv3", "--preset", "tiny", "--transformer-impl", "local",
+                                "--seq-length", "16", "--micro-batch-size", "2"])
+    saved = global_vars._GLOBAL_ARGS
+    global_vars.set_args(args)
+    assert get_args() is args
+    yield args
+    global_vars._GLOBAL_ARGS = saved
+
+
+def test_model_provider_builds_the_preset_shapes(megatron_args):
+    model = mlm.model_provider(pre_process=True, post_process=True)
+    reference = m.build_model(m.presets.get_preset("tiny"), backend="local")
+    assert type(model).__name__ == "GPTModel"
+    got = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    assert got == {n: tuple(p.shape) for n, p in reference.named_parameters()}
+
+
+def _batch(cfg, b=2, s=16):
+    ids = torch.randint(0, cfg.vocab_size, (b, s + 1))
+    return {"tokens": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": torch.ones(b, s),
+            "position_ids": torch.arange(s).expand(b, s), "attention_mask": None}
+
+
+def test_forward_step_loss_contract(megatron_args):
+    model = mlm.model_provider()
+    output, loss_fn = mlm.forward_step(iter([_batch(model.dsv3_config)]), model)
+    result = loss_fn(output)
+    assert len(result) == 3
+    loss, num_tokens, report = result
+    assert int(num_tokens) == 32 and torch.isfinite(loss) and loss > 0
+    assert torch.allclose(report["lm loss"], torch.stack([loss.detach(), num_tokens.float()]))
+
+
+def test_wrap_finalize_model_grads_sees_loads_before_reset(megatron_args):
+    model = mlm.model_provider()
+    output, loss_fn = mlm.forward_step(iter([_batch(model.dsv3_config)]), model)
+    loss_fn(output)[0].backward()
+    routers = biased_routers([model])
+    assert routers and all(r.local_tokens_per_expert.sum() > 0 for r in routers)
+    seen, order = [], []
+
+    def fake_finalize(chunks, num_tokens=None, **kwargs):
+        order.append("finalize")
+        for r in biased_routers(chunks):
+            r.local_tokens_per_expert.zero_()
+
+    def on_loads(metrics):
+        order.append("loads")
+        seen.append({k: v.clone() for k, v in metrics["tokens_per_expert"].items()})
+
+    mlm.wrap_finalize_model_grads(fake_finalize, on_loads)([model], None)
+    assert order == ["loads", "finalize"]
+    cfg = model.dsv3_config
+    expected_layers = cfg.num_hidden_layers - cfg.first_k_dense_replace + cfg.num_nextn_predict_layers
+    assert len(seen[0]) == expected_layers
+    assert all(v.sum() == 2 * 16 * cfg.num_experts_per_tok for v in seen[0].values())
+    assert all(r.local_tokens_per_expert.sum() == 0 for r in routers)
+    scalars = mlm.moe_metrics_for_logging([model])["scalars"]
+    assert "moe/layer_01/bias_mean" in scalars
+
+
+@pytest.mark.parametrize("script", sorted((REPO / "examples").glob("*.sh")), ids=lambda p: p.name)
+def test_launch_scripts_parse(script):
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    assert "set -euo pipefail" in script.read_text()
+
+
+def test_launch_scripts_exist():
+    names = {p.name for p in (REPO / "examples").glob("*.sh")}
+    assert {"train_tiny_cpu.sh", "train_v2_lite_8gpu.sh", "train_v3_671b.sh"} <= names
+
+
+def _hunks(text):
+    """(old_count, new_count, counted_old, counted_new) for every hunk of a unified diff."""
+    lines, out, i = text.splitlines(), [], 0
+    while i < len(lines):
+        head = re.match(r"@@ -\d+(?:,(\d+))? \+\d+(?:,(\d+))? @@", lines[i])
+        i += 1
+        if not head:
+            continue
+        want_old, want_new = int(head.group(1) or 1), int(head.group(2) or 1)
+        old = new = 0
+        while i < len(lines) and (old < want_old or new < want_new):
+            tag = lines[i][:1]
+            if tag not in " -+\\":
+                break
+            old += tag in " -"
+            new += tag in " +"
+            i += 1
+        out.append((want_old, want_new, old, new))
+    return out
+
+
+def test_patch_is_a_valid_unified_diff():
+    text = PATCH.read_text()
+    assert "megatron_dsv3.megatron_lm" in text and "core_r0.19.0" in text
+    assert re.search(r"^--- a/pretrain_gpt\.py$", text, re.M)
+    assert re.search(r"^\+\+\+ b/pretrain_gpt\.py$", text, re.M)
+    hunks = _hunks(text)
+    assert hunks and all(want_old == old and want_new == new for want_old, want_new, old, new in hunks)
+    assert _hunks("@@ -1,2 +1,2 @@\n a\n-b\n") != [(2, 2, 2, 2)]  # the checker itself rejects a short hunk
+
+
+def test_patch_applies_to_its_own_context(tmp_path):
+    text = PATCH.read_text()
+    body = text.split("@@ if __name__ == \"__main__\":\n", 1)[1].splitlines()
+    old = [line[1:] for line in body if line[:1] in " -"]
+    filler = "".join(f"x{i} = {i}\n" for i in range(700))  # shifted: git apply must find the hunk by context
+    (tmp_path / "pretrain_gpt.py").write_text(filler + 'if __name__ == "__main__":\n' + "\n".join(old) + "\n")
+    run = subprocess.run(["git", "apply", str(PATCH)], cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    patched = (tmp_path / "pretrain_gpt.py").read_text()
+    compile(patched, "pretrain_gpt.py", "exec")
+    assert "chained_extra_args_provider(" in patched and "model_provider=dsv3_megatron_lm.model_provider" in patched
