@@ -6,9 +6,8 @@
 #   TP1 x PP16 x EP64. The technical report trains on 2048 H800s (256 nodes): PP16 gives 16 stages of ~4
 #   layers, the 1024-way data-parallel group per stage is cut into EP64 expert groups (4 experts per GPU).
 #   Smaller clusters: PP=8 EP=32 NNODES=... (e.g. 64 nodes = 512 GPUs, DP64). DP = 8*NNODES / PP.
-#   NOTE: 61 layers do not split evenly over 16 (or 8) stages, and DSV3Config currently requires an even
-#   split (uneven first/last stages, Megatron's --pipeline-model-parallel-layout, are not wired in yet), so
-#   until then this recipe stops with a one-line --num-layers error; PP=1 runs, e.g. for shape checks.
+#   61 layers do not split evenly over 16 stages: the first stage (with the embedding) takes FIRST=4 layers,
+#   the last (with the head and MTP) LAST=1, and the 14 middle stages 4 each. For PP=8 use FIRST=7 LAST=6.
 # Recipe: seq 4096, global batch ramped 3072 -> 15360 over the first 469B tokens, AdamW(0.9, 0.95, wd 0.1),
 #   peak lr 2.2e-4 after 2000 warm-up steps, cosine decay to 2.2e-5, clip 1.0, bias update speed 1e-3,
 #   sequence-wise balance loss 1e-4, MTP loss weight 0.3, FP8 block-wise (E4M3, 1x128 / 128x128 scales).
@@ -27,11 +26,14 @@ MASTER_PORT="${MASTER_PORT:-29500}"
 GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
 PP="${PP:-16}"
 EP="${EP:-64}"
+FIRST="${FIRST:-4}"
+LAST="${LAST:-1}"
 SAVE_DIR="${SAVE_DIR:-runs/v3-671b/checkpoints}"
 
 ARGS=(
   --model-spec dsv3 --preset v3-671b
   --tensor-model-parallel-size 1 --pipeline-model-parallel-size "$PP" --expert-model-parallel-size "$EP"
+  --decoder-first-pipeline-num-layers "$FIRST" --decoder-last-pipeline-num-layers "$LAST"
   --transformer-impl transformer_engine --bf16
   --fp8-format e4m3 --fp8-recipe blockwise
   --moe-token-dispatcher-type alltoall --moe-grouped-gemm

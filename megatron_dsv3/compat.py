@@ -167,7 +167,8 @@ def apply_cpu_patches() -> None:
     torch.cuda.Stream = _CPUStream
     torch.cuda.current_stream = lambda device=None: _DEFAULT_STREAM
     torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
-    # pipeline_parallel/p2p_communication.py P2PCommunicator._communicate calls torch.cuda.synchronize().
+    # torch.cuda.synchronize() in pipeline_parallel/p2p_communication.py P2PCommunicator._communicate and
+    # dist_checkpointing/strategies/filesystem_async.py (checkpoint writes).
     torch.cuda.synchronize = lambda device=None: None
 
     # transformer/moe/token_dispatcher.py MoEAlltoAllTokenDispatcher.token_dispatch/token_combine pass numpy

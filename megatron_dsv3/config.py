@@ -80,6 +80,8 @@ class DSV3Config:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     expert_model_parallel_size: int = 1
+    first_pipeline_stage_layers: Optional[int] = None  # uneven pipelines (61 layers over PP16, say)
+    last_pipeline_stage_layers: Optional[int] = None
 
     def __post_init__(self):
         _validate(self)
@@ -134,14 +136,27 @@ def _validate(c: DSV3Config) -> None:
               f"got {c.first_k_dense_replace}")
     if c.num_nextn_predict_layers < 0:
         _fail("num_nextn_predict_layers", f"must be >= 0, got {c.num_nextn_predict_layers}")
-    if c.num_hidden_layers % c.pipeline_model_parallel_size:
-        _fail("num_hidden_layers", f"{c.num_hidden_layers} layers do not split evenly over "
-              f"pipeline_model_parallel_size={c.pipeline_model_parallel_size}")
+    _validate_pipeline_split(c)
     if c.bias_update_speed < 0 or c.seq_aux_alpha < 0 or c.mtp_loss_weight < 0:
         bad = next(n for n in ("bias_update_speed", "seq_aux_alpha", "mtp_loss_weight") if getattr(c, n) < 0)
         _fail(bad, f"must be >= 0, got {getattr(c, bad)}")
     _validate_moe(c)
     _validate_yarn(c)
+
+
+def _validate_pipeline_split(c: DSV3Config) -> None:
+    """Layers must split evenly over the stages left after any explicitly sized first/last stage."""
+    pp, layers = c.pipeline_model_parallel_size, c.num_hidden_layers
+    fixed = [n for n in (c.first_pipeline_stage_layers, c.last_pipeline_stage_layers) if n is not None]
+    for name in ("first_pipeline_stage_layers", "last_pipeline_stage_layers"):
+        value = getattr(c, name)
+        if value is not None and (pp == 1 or not isinstance(value, int) or value < 0):
+            _fail(name, f"needs pipeline_model_parallel_size > 1 and a count >= 0, got {value}")
+    rest, stages = layers - sum(fixed), pp - len(fixed)
+    if rest < 0 or (stages == 0 and rest) or (stages and rest % stages):
+        _fail("num_hidden_layers", f"{layers} layers do not split evenly over pipeline_model_parallel_size={pp}"
+              + (f" with {fixed} layers on the first/last stages" if fixed else
+                 " (set first/last_pipeline_stage_layers for an uneven split)"))
 
 
 def _validate_moe(c: DSV3Config) -> None:

@@ -25,6 +25,8 @@ BAD = [
     ("rms_norm_eps", dict(rms_norm_eps=0.0)),
     ("bias_update_speed", dict(bias_update_speed=-1e-3)),
     ("moe_intermediate_size", dict(moe_intermediate_size=0)),
+    ("first_pipeline_stage_layers", dict(first_pipeline_stage_layers=1)),
+    ("num_hidden_layers", dict(pipeline_model_parallel_size=3, first_pipeline_stage_layers=1)),
     ("vocab_size", dict(vocab_size=2.5)),
 ]
 
@@ -40,6 +42,9 @@ def test_valid_edge_configs_are_accepted():
     TINY.replace(rope_scaling=None, q_lora_rank=None, first_k_dense_replace=3)
     TINY.replace(n_group=1, topk_group=1, num_experts_per_tok=8)
     TINY.replace(tensor_model_parallel_size=4, expert_model_parallel_size=8)
+    TINY.replace(pipeline_model_parallel_size=3, first_pipeline_stage_layers=2)
+    get_preset("v3-671b").replace(pipeline_model_parallel_size=16, first_pipeline_stage_layers=4,
+                                  last_pipeline_stage_layers=1)
 
 
 def test_unknown_preset_names_the_choices():

@@ -1,4 +1,5 @@
 """Megatron-LM integration: providers for megatron.training.pretrain, launch scripts and the pretrain_gpt patch."""
+import os
 import re
 import subprocess
 import sys
@@ -10,8 +11,10 @@ import torch
 import megatron_dsv3 as m
 from megatron_dsv3 import megatron_lm as mlm
 from megatron_dsv3.moe.balancing import biased_routers
+from megatron_dsv3.presets import get_preset
 
 REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
 PATCH = REPO / "patches" / "megatron-lm-core_r0.19.0-pretrain_gpt.patch"
 
 
@@ -168,3 +171,31 @@ def test_patch_applies_to_its_own_context(tmp_path):
     patched = (tmp_path / "pretrain_gpt.py").read_text()
     compile(patched, "pretrain_gpt.py", "exec")
     assert "chained_extra_args_provider(" in patched and "model_provider=dsv3_megatron_lm.model_provider" in patched
+
+
+def _script_arguments(script: Path) -> list[str]:
+    """The flags a launch script passes to the trainer, captured by shadowing `exec` with a printer."""
+    env = dict(os.environ, MASTER_ADDR="n0", NNODES="256", NODE_RANK="0", DATA_PATH="/data/x",
+               TOKENIZER_MODEL="tok", RUN_DIR="/tmp/run")
+    out = subprocess.run(["bash", "-c", 'exec() { printf "%s\\0" "$@"; }; source "$0"', str(script)],
+                         capture_output=True, text=True, env=env, check=True).stdout.split("\0")[:-1]
+    for marker in ("megatron_dsv3.megatron_lm", "megatron_dsv3.training.pretrain", "dsv3-pretrain"):
+        if marker in out:
+            return out[out.index(marker) + 1:]
+    raise AssertionError(f"{script}: no trainer invocation in {out}")
+
+
+@pytest.mark.parametrize("script,preset,pp", [("train_tiny_cpu.sh", "tiny", 1),
+                                              ("train_v2_lite_8gpu.sh", "v2-lite", 1),
+                                              ("train_v3_671b.sh", "v3-671b", 16)])
+def test_launch_script_flags_give_a_valid_config(script, preset, pp):
+    from megatron_dsv3.training.arguments import config_from_args, parse_megatron_args
+
+    args, explicit = parse_megatron_args(_script_arguments(EXAMPLES / script))
+    cfg = config_from_args(args, explicit)
+    assert cfg.pipeline_model_parallel_size == pp
+    layout = dict(pipeline_model_parallel_size=1, expert_model_parallel_size=1, first_pipeline_stage_layers=None,
+                  last_pipeline_stage_layers=None)
+    if preset == "v3-671b":
+        layout["mtp_loss_weight"] = 0.1  # the recipe's 0.3 for the first 10T tokens
+    assert cfg.replace(**layout) == get_preset(preset)

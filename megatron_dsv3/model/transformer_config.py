@@ -92,6 +92,8 @@ def to_mcore_config(cfg: DSV3Config, **overrides) -> DSV3TransformerConfig:
         mtp_loss_scaling_factor=cfg.mtp_loss_weight,
         tensor_model_parallel_size=cfg.tensor_model_parallel_size,
         pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
+        num_layers_in_first_pipeline_stage=cfg.first_pipeline_stage_layers,
+        num_layers_in_last_pipeline_stage=cfg.last_pipeline_stage_layers,
         expert_model_parallel_size=cfg.expert_model_parallel_size,
         sequence_parallel=cfg.tensor_model_parallel_size > 1,
         use_cpu_initialization=not torch.cuda.is_available(),

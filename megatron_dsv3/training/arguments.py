@@ -42,6 +42,8 @@ _DIRECT = {
     "tensor_model_parallel_size": "tensor_model_parallel_size",
     "pipeline_model_parallel_size": "pipeline_model_parallel_size",
     "expert_model_parallel_size": "expert_model_parallel_size",
+    "decoder_first_pipeline_num_layers": "first_pipeline_stage_layers",
+    "decoder_last_pipeline_num_layers": "last_pipeline_stage_layers",
 }
 # Megatron-LM dest -> YarnConfig field.
 _YARN = {
