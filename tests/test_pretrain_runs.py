@@ -36,8 +36,8 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses_bitwise(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [["--expert-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"]],
-                         ids=["ep2", "pp2"])
+@pytest.mark.parametrize("layout", [["--expert-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"],
+                                    ["--tensor-model-parallel-size", "2"]], ids=["ep2", "pp2", "tp2"])
 def test_two_rank_layouts_follow_the_one_rank_loss_curve(layout):
     single = pretrain("--train-iters", "5")
     parallel = pretrain("--train-iters", "5", *layout, nproc=2)
