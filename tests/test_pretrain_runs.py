@@ -35,12 +35,16 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses_bitwise(tmp_path):
     assert resumed["lm_losses"] == straight["lm_losses"][3:]  # bitwise: same floats
 
 
+@pytest.fixture(scope="module")
+def one_rank_curve() -> list[float]:
+    return pretrain("--train-iters", "5")["lm_losses"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [["--expert-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"],
                                     ["--tensor-model-parallel-size", "2"]], ids=["ep2", "pp2", "tp2"])
-def test_two_rank_layouts_follow_the_one_rank_loss_curve(layout):
-    single = pretrain("--train-iters", "5")
+def test_two_rank_layouts_follow_the_one_rank_loss_curve(one_rank_curve, layout):
     parallel = pretrain("--train-iters", "5", *layout, nproc=2)
     assert len(parallel["lm_losses"]) == 5
-    for one, two in zip(single["lm_losses"], parallel["lm_losses"]):
+    for one, two in zip(one_rank_curve, parallel["lm_losses"]):
         assert two == pytest.approx(one, rel=1e-4)
