@@ -15,3 +15,12 @@ def runtime():
 def _fp32_and_seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_moe_metrics():
+    """megatron-core's MoE metrics tracker is process-global and sized by the first model's depth."""
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    get_moe_metrics_tracker().metrics.clear()
+    yield

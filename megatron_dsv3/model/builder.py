@@ -14,14 +14,16 @@ from megatron_dsv3.model.transformer_config import to_mcore_config
 
 def build_model(config: DSV3Config, backend: Optional[str] = None, *, spec: str = "dsv3",
                 pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
-                vp_stage: Optional[int] = None, **mcore_overrides) -> GPTModel:
+                vp_stage: Optional[int] = None, fp8_recipe=None, pg_collection=None, **mcore_overrides) -> GPTModel:
     """A GPTModel for this pipeline stage; `model(input_ids, position_ids, attention_mask)` gives logits.
 
     `backend` is 'local', 'te' or None (TE when importable on a GPU). Extra keyword arguments set
     megatron-core TransformerConfig fields (bf16, fp8, recompute, ...).
     """
+    if isinstance(fp8_recipe, str):  # megatron-core's own field (TE backend): fp8_recipe='blockwise', fp8='e4m3'
+        mcore_overrides["fp8_recipe"], fp8_recipe = fp8_recipe, None
     mcore_config = to_mcore_config(config, **mcore_overrides)
-    chosen = get_backend(backend)
+    chosen = get_backend(backend, fp8_recipe=fp8_recipe)  # an FP8Config: local block-scaled FP8 linears
     model_spec = registry.get(spec)
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
@@ -38,6 +40,7 @@ def build_model(config: DSV3Config, backend: Optional[str] = None, *, spec: str 
         position_embedding_type="rope",  # MLA applies its own (decoupled) RoPE; GPTModel adds none
         mtp_block_spec=model_spec.mtp_block_spec(mcore_config, chosen, vp_stage=vp_stage),
         vp_stage=vp_stage,
+        pg_collection=pg_collection,
     )
     model.dsv3_config = config
     return model

@@ -1,0 +1,146 @@
+"""DualPipe and DualPipeV behind megatron-core's forward_backward interface.
+
+`get_forward_backward_func(schedule)` returns a function with the keyword signature of megatron-core's
+schedules; `model` is this rank's two chunks from `placement.build_chunks`. Losses and the MoE/MTP loss
+scalers go through megatron-core's own `forward_step_calc_loss` and `backward_step`.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel.schedules import backward_step, forward_step_calc_loss
+from megatron.core.utils import get_model_config
+
+from megatron_dsv3.pipeline.executor import Executor
+from megatron_dsv3.pipeline.placement import mirror_partner, own_parameters
+from megatron_dsv3.pipeline.schedule import build
+
+
+class ModelWork:
+    """Stage work on megatron-core model chunks: forward with the micro-batch's data, backward via autograd."""
+
+    def __init__(self, chunks, batches, forward_step_func, config, num_microbatches, forward_only):
+        self.chunks, self.batches, self.forward_step_func = chunks, batches, forward_step_func
+        self.config, self.num_microbatches, self.forward_only = config, num_microbatches, forward_only
+        self.saved: dict[tuple[int, int], tuple] = {}
+        self.losses: dict[int, dict] = {}
+
+    def forward(self, chunk, mb, stage, inputs):
+        model = self.chunks[chunk]
+        if inputs is not None:
+            inputs = inputs.detach().requires_grad_(not self.forward_only)
+        model.set_input_tensor(inputs)
+        context = torch.no_grad() if self.forward_only else torch.enable_grad()
+        with context:
+            output, loss_func = self.forward_step_func(iter([self.batches[mb]]), model)
+            if model.post_process:
+                store: list = []
+                output, _ = forward_step_calc_loss(model, output, loss_func, self.config, None, False,
+                                                   self.num_microbatches, store, cp_group_size=1, is_last_stage=True)
+                self.losses[mb] = store[0]
+        if not self.forward_only:
+            self.saved[(chunk, mb)] = (inputs, output)
+        return output
+
+    def backward(self, chunk, mb, stage, grad, split):
+        if self.forward_only:
+            return None
+        inputs, output = self.saved.pop((chunk, mb))
+        return backward_step(inputs, output, grad, self.config)
+
+    def weight(self, chunk, mb, stage):
+        """Weight gradients are produced inside `backward` (autograd fuses them); nothing is left to do."""
+
+
+def _set_aux_loss_scales(config, num_microbatches: int) -> None:
+    """Scale the MoE balance and MTP losses' gradients on every rank, as megatron-core's schedules do.
+
+    megatron-core sets these class-wide scales inside forward_step_calc_loss, which only loss stages run;
+    in DualPipe(V) some ranks hold no loss stage, yet their MoE layers backpropagate aux losses too.
+    """
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+    from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
+
+    scale = config.grad_scale_func(torch.ones(1)) if config.grad_scale_func is not None else torch.ones(1)
+    if not config.calculate_per_token_loss:
+        scale = scale / num_microbatches
+    if config.num_moe_experts:
+        MoEAuxLossAutoScaler.set_loss_scale(scale)
+    if config.mtp_num_layers:
+        MTPLossAutoScaler.set_loss_scale(scale)
+
+
+def _sum_mirror_grads(chunks, partner: int) -> None:
+    """Add the partner's gradients of the mirror stages: my chunk 0 <-> its chunk 1 and vice versa."""
+    group = parallel_state.get_pipeline_model_parallel_group()
+    peer = dist.get_global_rank(group, partner)
+    params = [own_parameters(chunks[0]), own_parameters(chunks[1])]
+
+    def flat(ps):
+        return torch.cat([(p.main_grad if hasattr(p, "main_grad") else p.grad).reshape(-1) for p in ps])
+
+    mine = [flat(params[0]), flat(params[1])]
+    # The partner's chunk 0 is the mirror of my chunk 1 and the other way round; tags keep the two apart.
+    mirror_of = [torch.empty_like(mine[0]), torch.empty_like(mine[1])]
+    ops = [dist.P2POp(dist.isend, mine[0], peer, tag=1), dist.P2POp(dist.isend, mine[1], peer, tag=2),
+           dist.P2POp(dist.irecv, mirror_of[1], peer, tag=1), dist.P2POp(dist.irecv, mirror_of[0], peer, tag=2)]
+    for work in dist.batch_isend_irecv(ops):
+        work.wait()
+    for chunk_params, extra in zip(params, mirror_of):
+        offset = 0
+        for p in chunk_params:
+            g = p.main_grad if hasattr(p, "main_grad") else p.grad
+            g.add_(extra[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def forward_backward_dual(*, forward_step_func, data_iterator, model, num_microbatches, seq_length,
+                          micro_batch_size, decoder_seq_length=None, forward_only=False,
+                          collect_non_loss_data=False, first_val_step=None, schedule="dualpipe", **_):
+    """megatron-core-style forward/backward over `num_microbatches` with DualPipe or DualPipeV.
+
+    Returns the loss reports of the micro-batches whose last stage is on this rank, in micro-batch order.
+    """
+    if collect_non_loss_data:
+        raise ValueError("collect_non_loss_data: not supported by the DualPipe schedules")
+    chunks = model if isinstance(model, list) else [model]
+    if len(chunks) != 2:
+        raise ValueError(f"model: DualPipe schedules need this rank's two chunks, got {len(chunks)}")
+    config = get_model_config(chunks[0])
+    rank = parallel_state.get_pipeline_model_parallel_rank()
+    ranks = parallel_state.get_pipeline_model_parallel_world_size()
+    plan = build(schedule, ranks, num_microbatches)
+    batches = [next(data_iterator) for _ in range(num_microbatches)]
+    group = parallel_state.get_pipeline_model_parallel_group()
+    tp = parallel_state.get_tensor_model_parallel_world_size() if config.sequence_parallel else 1
+    shape = (seq_length // tp, micro_batch_size, config.hidden_size)  # activations between stages: [s, b, h]
+    work = ModelWork(chunks, batches, forward_step_func, config, num_microbatches, forward_only)
+    executor = Executor(plan, rank, work, ranks=[dist.get_global_rank(group, r) for r in range(ranks)],
+                        shape=shape, dtype=config.pipeline_dtype or torch.float32, group=group,
+                        forward_only=forward_only)
+    _set_aux_loss_scales(config, num_microbatches)
+    no_sync = config.no_sync_func if config.no_sync_func is not None and not forward_only else nullcontext
+    with no_sync():
+        executor.run()
+    if not forward_only:
+        partner = mirror_partner(schedule)
+        if partner is not None:
+            _sum_mirror_grads(chunks, partner)
+        if config.finalize_model_grads_func is not None:
+            config.finalize_model_grads_func(chunks)
+    return [work.losses[mb] for mb in sorted(work.losses)]
+
+
+def get_forward_backward_func(schedule: str):
+    """The forward/backward function for `--pipeline-schedule`: megatron-core's for 1f1b, ours for DualPipe(V)."""
+    if schedule == "1f1b":
+        from megatron.core.pipeline_parallel import get_forward_backward_func as mcore
+
+        return mcore()
+    if schedule in ("dualpipe", "dualpipev"):
+        return partial(forward_backward_dual, schedule=schedule)
+    raise ValueError(f"--pipeline-schedule: expected 1f1b, dualpipe or dualpipev, got {schedule!r}")

@@ -1,0 +1,93 @@
+"""Run one rank's share of a pipeline `Plan`: its ops in order, activations and gradients over point-to-point.
+
+The stage work is pluggable (`StageWork`): the bubble benchmark plugs in timed sleeps, training plugs in
+model chunks. Sends are asynchronous and receives block, so a plan that the simulator can run without
+deadlock runs here too; every message is tagged by (micro-batch, stage, direction) so none can be mismatched.
+"""
+from __future__ import annotations
+
+from typing import Optional, Protocol
+
+import torch
+import torch.distributed as dist
+
+from megatron_dsv3.pipeline.schedule import Op, Plan
+
+
+class StageWork(Protocol):
+    """What a rank computes for one stage of one micro-batch."""
+
+    def forward(self, chunk: int, mb: int, stage: int, inputs: Optional[torch.Tensor]) -> torch.Tensor: ...
+
+    def backward(self, chunk: int, mb: int, stage: int, grad: Optional[torch.Tensor],
+                 split: bool) -> Optional[torch.Tensor]: ...
+
+    def weight(self, chunk: int, mb: int, stage: int) -> None: ...
+
+
+class Executor:
+    """Runs `plan.ops[rank]`; `ranks` maps pipeline rank -> global rank; `shape` is the activation shape."""
+
+    def __init__(self, plan: Plan, rank: int, work: StageWork, *, ranks: list[int], shape: tuple[int, ...],
+                 dtype: torch.dtype = torch.float32, group=None, forward_only: bool = False):
+        self.plan, self.rank, self.work, self.forward_only = plan, rank, work, forward_only
+        self.global_ranks, self.shape, self.dtype, self.group = ranks, shape, dtype, group
+        self._sends: list = []
+
+    def _tag(self, kind: str, mb: int, stage: int) -> int:
+        return ((mb * 64 + stage) * 2 + (kind == "B")) + 1
+
+    def _send(self, tensor: torch.Tensor, to_rank: int, kind: str, mb: int, stage: int) -> None:
+        if to_rank == self.rank:
+            self._local[(kind, mb, stage)] = tensor.detach().clone()
+            return
+        work = dist.isend(tensor.detach().contiguous(), self.global_ranks[to_rank], group=self.group,
+                          tag=self._tag(kind, mb, stage))
+        self._sends.append(work)
+
+    def _recv(self, from_rank: int, kind: str, mb: int, stage: int) -> torch.Tensor:
+        if from_rank == self.rank:
+            return self._local.pop((kind, mb, stage))
+        buf = torch.empty(self.shape, dtype=self.dtype)
+        dist.recv(buf, self.global_ranks[from_rank], group=self.group, tag=self._tag(kind, mb, stage))
+        return buf
+
+    def _forward(self, chunk: int, mb: int) -> None:
+        path = self.plan.paths[mb]
+        stage = path.index((self.rank, chunk))
+        inputs = self._recv(path[stage - 1][0], "F", mb, stage) if stage > 0 else None
+        out = self.work.forward(chunk, mb, stage, inputs)
+        if stage < len(path) - 1:
+            self._send(out, path[stage + 1][0], "F", mb, stage + 1)
+
+    def _backward(self, chunk: int, mb: int, split: bool) -> None:
+        path = self.plan.paths[mb]
+        stage = path.index((self.rank, chunk))
+        grad = self._recv(path[stage + 1][0], "B", mb, stage) if stage < len(path) - 1 else None
+        grad_in = self.work.backward(chunk, mb, stage, grad, split)
+        if stage > 0:
+            self._send(grad_in, path[stage - 1][0], "B", mb, stage - 1)
+
+    def run(self) -> None:
+        """Execute every op of this rank, then wait for the outstanding sends."""
+        self._local: dict = {}
+        for op in self.plan.ops[self.rank]:
+            self.step(op)
+        for work in self._sends:
+            work.wait()
+        self._sends.clear()
+
+    def step(self, op: Op) -> None:
+        if self.forward_only:  # evaluation: the forwards alone, in the schedule's order
+            if op.kind in ("F", "FB"):
+                self._forward(op.chunk, op.mb)
+            return
+        if op.kind == "F":
+            self._forward(op.chunk, op.mb)
+        elif op.kind == "B":
+            self._backward(op.chunk, op.mb, op.split)
+        elif op.kind == "W":
+            self.work.weight(op.chunk, op.mb, self.plan.stage_of(op.mb, self.rank, op.chunk))
+        else:  # FB: the pair runs back to back here; its communication overlaps the partner's compute
+            self._forward(op.chunk, op.mb)
+            self._backward(op.chunk2, op.mb2, split=False)

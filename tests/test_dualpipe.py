@@ -1,0 +1,51 @@
+"""DualPipe and DualPipeV on gloo against megatron-core's single-process forward_backward_no_pipelining."""
+import pytest
+import torch
+from megatron.core.pipeline_parallel import schedules
+
+import megatron_dsv3 as m
+from megatron_dsv3.training.init import init_layout_independent
+from megatron_dsv3.training.step import forward_step
+from tests.dist.dualpipe_grads import batches
+from tests.distributed import torchrun
+
+
+def _reference(layers: int, microbatches: int, forward_only: bool):
+    cfg = m.presets.get_preset("tiny").replace(num_hidden_layers=layers)
+    model = m.build_model(cfg)
+    init_layout_independent(model, 7)
+    reports = schedules.forward_backward_no_pipelining(  # looked up late: the CPU shims wrap it
+        forward_step_func=forward_step, data_iterator=iter(batches(cfg, microbatches, seq=16)), model=[model],
+        num_microbatches=microbatches, seq_length=16, micro_batch_size=2, forward_only=forward_only)
+    losses = [[float(v) for v in r["lm loss"]] for r in reports]
+    grads = {n: p.grad.reshape(-1) for n, p in model.named_parameters() if p.grad is not None}
+    return losses, grads
+
+
+CASES = [("dualpipe", 2, 4, 4), ("dualpipe", 4, 4, 8), ("dualpipev", 2, 4, 4), ("dualpipev", 4, 8, 8)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule,pp,layers,microbatches", CASES, ids=[f"{c[0]}-pp{c[1]}" for c in CASES])
+def test_losses_and_gradients_match_no_pipelining(runtime, tmp_path, schedule, pp, layers, microbatches):
+    ranks = torchrun("dualpipe_grads.py", pp, tmp_path, schedule, str(layers), str(microbatches), "0")
+    ref_losses, ref_grads = _reference(layers, microbatches, forward_only=False)
+    if schedule == "dualpipe":  # the last rank finishes the first half of the micro-batches, rank 0 the rest
+        got = ranks[-1]["losses"] + ranks[0]["losses"]
+    else:
+        got = ranks[0]["losses"]
+    assert len(got) == microbatches
+    for (s, n), (rs, rn) in zip(got, ref_losses):
+        assert n == rn and s == pytest.approx(rs, rel=1e-6)
+    grads = {name: torch.tensor(g) for r in ranks for name, g in r["grads"].items()}
+    assert grads.keys() == ref_grads.keys()
+    for name, ref in ref_grads.items():
+        assert (grads[name] - ref).norm() <= 1e-5 * ref.norm() + 1e-12, name
+
+
+@pytest.mark.slow
+def test_forward_only_gives_the_same_losses(runtime, tmp_path):
+    ranks = torchrun("dualpipe_grads.py", 2, tmp_path, "dualpipev", "4", "4", "1")
+    ref_losses, _ = _reference(4, 4, forward_only=True)
+    assert [s for s, _ in ranks[0]["losses"]] == pytest.approx([s for s, _ in ref_losses], rel=1e-6)
+    assert ranks[0]["grads"] == {} and ranks[1]["grads"] == {}
