@@ -20,5 +20,9 @@ setup(
         "plot": ["matplotlib"],
         "te": ["transformer-engine[pytorch]>=2.3"],
     },
-    entry_points={"console_scripts": ["dsv3-pretrain = megatron_dsv3.training.pretrain:main"]},
+    entry_points={"console_scripts": [
+        "dsv3-pretrain = megatron_dsv3.training.pretrain:main",
+        "dsv3-convert = megatron_dsv3.checkpoint.convert:main",
+        "dsv3-generate = megatron_dsv3.inference.cli:main",
+    ]},
 )

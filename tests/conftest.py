@@ -24,3 +24,14 @@ def _fresh_moe_metrics():
 
     get_moe_metrics_tracker().metrics.clear()
     yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_aux_loss_scales():
+    """megatron-core keeps the MoE/MTP aux-loss gradient scales as class attributes; start each test unset."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+    from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
+
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
+    MTPLossAutoScaler.main_loss_backward_scale = torch.tensor(1.0)  # its class default
+    yield

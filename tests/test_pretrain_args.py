@@ -80,6 +80,8 @@ BAD = [
     (["--preset", "tiny", "--rotary-scaling-factor", "-2", "--train-iters", "2", "--seq-length", "8"],
      "--rotary-scaling-factor"),
     (["--preset", "tiny", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--preset", "tiny", "--train-iters", "5", "--seq-length", "8", "--lr-warmup-iters", "20"],
+     "--lr-warmup-iters"),
 ]
 
 

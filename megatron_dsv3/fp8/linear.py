@@ -6,14 +6,16 @@ transposed operands (W^T for dgrad, dy^T and x^T for wgrad) from high precision 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 import torch
 
 from .gemm import _check_promotion, fp8_gemm
-from .quantize import check_block_shape, quantize_blockwise
+from .quantize import FP8_DTYPE, FP8_E4M3_MAX, check_block_shape, quantize_blockwise
 
-__all__ = ["FP8Config", "FP8BlockwiseLinearFunction", "fp8_linear"]
+__all__ = ["FP8Config", "FP8BlockwiseLinearFunction", "cast_unscaled", "fp8_dgrad", "fp8_fprop", "fp8_linear",
+           "fp8_wgrad"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,8 +27,17 @@ class FP8Config:
     power_2_scale: bool = True
     weight_block: tuple = (128, 128)
     act_block: tuple = (1, 128)
+    # "blockwise": 448/amax scales per block (the recipe). "none": cast to E4M3 with scale 1, a numerics
+    # negative control that shows what the scaling buys (small gradients underflow, large values clamp).
+    scaling: str = "blockwise"
+    # "emulated": fp8_gemm on any device. "native": torch's block-scaled FP8 matmul on a Hopper GPU (native.py).
+    gemm: str = "emulated"
 
     def __post_init__(self) -> None:
+        if self.scaling not in ("blockwise", "none"):
+            raise ValueError(f"FP8Config.scaling must be 'blockwise' or 'none', got {self.scaling!r}")
+        if self.gemm not in ("emulated", "native"):
+            raise ValueError(f"FP8Config.gemm must be 'emulated' or 'native', got {self.gemm!r}")
         try:
             _check_promotion(self.promotion_interval, None)
         except ValueError as e:
@@ -42,11 +53,47 @@ class FP8Config:
             object.__setattr__(self, field, block)
 
 
+def cast_unscaled(x: torch.Tensor, block_shape) -> tuple:
+    """The no-scaling control: clamp to +-448 and cast to E4M3 with scale 1 (scale_inv all ones)."""
+    x2d = x.reshape(-1, x.shape[-1]).to(torch.float32)
+    grid = (math.ceil(x2d.shape[0] / block_shape[0]), math.ceil(x2d.shape[1] / block_shape[1]))
+    data = x2d.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8_DTYPE)
+    return data, torch.ones(grid, dtype=torch.float32, device=x.device)
+
+
+def _quantize(x: torch.Tensor, block, cfg: FP8Config, name: str):
+    if cfg.scaling == "none":
+        return cast_unscaled(x, block)
+    return quantize_blockwise(x, block, cfg.power_2_scale, name=name)
+
+
 def _qgemm(a: torch.Tensor, a_block, b: torch.Tensor, b_block, cfg: FP8Config, names) -> torch.Tensor:
-    """Quantize A [M, K] and B [N, K] along K and return the emulated FP8 ``A @ B.T`` in FP32."""
-    aq, asi = quantize_blockwise(a, a_block, cfg.power_2_scale, name=names[0])
-    bq, bsi = quantize_blockwise(b, b_block, cfg.power_2_scale, name=names[1])
+    """Quantize A [M, K] and B [N, K] along K and return the FP8 ``A @ B.T`` in FP32 (emulated or native)."""
+    if a.numel() == 0 or b.numel() == 0:  # e.g. an expert that received no tokens (wgrad then has K = 0)
+        return torch.zeros(a.shape[0], b.shape[0], dtype=torch.float32, device=a.device)
+    if cfg.gemm == "native":
+        from .native import native_qgemm
+
+        return native_qgemm(a, a_block, b, b_block, cfg, names)
+    aq, asi = _quantize(a, a_block, cfg, names[0])
+    bq, bsi = _quantize(b, b_block, cfg, names[1])
     return fp8_gemm(aq, asi, a_block, bq, bsi, b_block, cfg.promotion_interval, cfg.accumulator_mantissa_bits)
+
+
+def fp8_fprop(x: torch.Tensor, weight: torch.Tensor, cfg: FP8Config) -> torch.Tensor:
+    """y [T, N] = x [T, K] @ W^T: x tiles 1x128 along K, W blocks 128x128. FP32 result."""
+    return _qgemm(x, cfg.act_block, weight, cfg.weight_block, cfg, ("x", "weight"))
+
+
+def fp8_dgrad(dy: torch.Tensor, weight: torch.Tensor, cfg: FP8Config) -> torch.Tensor:
+    """dx [T, K] = dy [T, N] @ W: reduce over N, so dy is tiled along N and W^T [K, N] is quantized afresh."""
+    return _qgemm(dy, cfg.act_block, weight.t().contiguous(), cfg.weight_block, cfg, ("grad_output", "weight^T"))
+
+
+def fp8_wgrad(dy: torch.Tensor, x: torch.Tensor, cfg: FP8Config) -> torch.Tensor:
+    """dW [N, K] = dy^T [N, T] @ x [T, K]: reduce over tokens, so dy^T and x^T are tiled 1x128 along T."""
+    return _qgemm(dy.t().contiguous(), cfg.act_block, x.t().contiguous(), cfg.act_block, cfg,
+                  ("grad_output^T", "x^T"))
 
 
 class FP8BlockwiseLinearFunction(torch.autograd.Function):
@@ -56,8 +103,7 @@ class FP8BlockwiseLinearFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], config: FP8Config):
         if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
             raise ValueError(f"want x [T, K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
-        # fprop: x tiles 1x128 along K, W blocks 128x128.
-        y = _qgemm(x, config.act_block, weight, config.weight_block, config, ("x", "weight"))
+        y = fp8_fprop(x, weight, config)
         if bias is not None:
             y = y + bias.to(torch.float32)
         ctx.config = config
@@ -73,14 +119,9 @@ class FP8BlockwiseLinearFunction(torch.autograd.Function):
         dy = dy.contiguous()
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            # dgrad [T, K] = dy [T, N] @ W [N, K]: reduce over N, so quantize dy along N and W^T [K, N] afresh.
-            dx = _qgemm(dy, cfg.act_block, weight.t().contiguous(), cfg.weight_block, cfg, ("grad_output", "weight^T"))
-            dx = dx.to(x.dtype)
+            dx = fp8_dgrad(dy, weight, cfg).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            # wgrad [N, K] = dy^T [N, T] @ x [T, K]: reduce over tokens, so tile dy^T and x^T along T.
-            dw = _qgemm(dy.t().contiguous(), cfg.act_block, x.t().contiguous(), cfg.act_block, cfg,
-                        ("grad_output^T", "x^T"))
-            dw = dw.to(weight.dtype)
+            dw = fp8_wgrad(dy, x, cfg).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.to(torch.float32).sum(0).to(ctx.bias_dtype)
         return dx, dw, db, None

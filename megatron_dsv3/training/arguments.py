@@ -92,6 +92,9 @@ def add_dsv3_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             group.add_argument(flag, type=kind, default=None, help=text)
     group.add_argument("--dsv3-backend", choices=["local", "te"], default=None,
                        help="module backend; default: te when Transformer Engine imports on a GPU, else local")
+    group.add_argument("--fp8-no-scaling-control", action="store_true",
+                       help="numerics negative control for --fp8-recipe blockwise: cast GEMM operands to E4M3 "
+                            "with scale 1 (no block scaling); not for real training")
     group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                        help="show a progress bar with loss and tokens/s")
     return parser

@@ -54,6 +54,9 @@ def _settings(args, data_parallel_size: int) -> TrainSettings:
                          f"x data-parallel size ({data_parallel_size})")
     if args.save_interval is not None and args.save is None:
         raise UsageError("--save-interval: needs --save DIR")
+    if args.lr_warmup_iters > args.train_iters:
+        raise UsageError(f"--lr-warmup-iters: {args.lr_warmup_iters} warm-up steps exceed --train-iters "
+                         f"{args.train_iters}")
     lr = 1e-3 if args.lr is None else args.lr
     if lr <= 0:
         raise UsageError(f"--lr: must be > 0, got {lr}")
@@ -84,11 +87,14 @@ def run(argv: Sequence[str]) -> dict:
     """Parse, build, train, checkpoint; returns the summary that is printed as JSON."""
     from megatron_dsv3.training.trainer import Trainer
 
+    from megatron_dsv3.fp8.recipe import model_kwargs_from_args
+
     args, explicit = parse_megatron_args(argv)
+    model_kwargs = model_kwargs_from_args(args, explicit)  # backend, and FP8 from --fp8-recipe/--fp8-format
     cfg = config_from_args(args, explicit)
     dp = _world_sizes(cfg)
     settings = _settings(args, dp)
-    trainer = Trainer(cfg, settings, args)
+    trainer = Trainer(cfg, settings, args, model_kwargs)
     try:
         return trainer.train()
     finally:

@@ -58,7 +58,7 @@ def make_tokenizer(args):
 class Trainer:
     """Builds everything once, then `train()` runs the steps; rank 0 logs and reports."""
 
-    def __init__(self, cfg, settings, args):
+    def __init__(self, cfg, settings, args, model_kwargs: Optional[dict] = None):
         self.cfg, self.settings, self.args = cfg, settings, args
         self.tokenizer = make_tokenizer(args)
         if self.tokenizer.vocab_size > cfg.vocab_size:
@@ -68,7 +68,7 @@ class Trainer:
         runtime.initialize(tp=cfg.tensor_model_parallel_size, pp=cfg.pipeline_model_parallel_size,
                            ep=cfg.expert_model_parallel_size, seed=settings.seed)
         self.rank = torch.distributed.get_rank()
-        model = build_model(cfg, backend=args.dsv3_backend, calculate_per_token_loss=True)
+        model = build_model(cfg, calculate_per_token_loss=True, **(model_kwargs or {"backend": args.dsv3_backend}))
         init_layout_independent(model, settings.seed)
         ddp = DistributedDataParallel(
             model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
@@ -92,8 +92,15 @@ class Trainer:
         self.mcore_config = config
         self.iteration, self.consumed_samples, self.checkpoint = 0, 0, None
         if settings.load:
-            state = load_checkpoint(settings.load, self.model_chunks, self.optimizer, self.scheduler)
-            self.iteration, self.consumed_samples = state["iteration"], state["consumed_samples"]
+            # Megatron-LM's --finetune / --no-load-optim / --no-load-rng: converted or foreign checkpoints
+            # carry weights only, and a fine-tune starts its own schedule from step 0.
+            weights_only = args.finetune or args.no_load_optim
+            state = load_checkpoint(settings.load, self.model_chunks, None if weights_only else self.optimizer,
+                                    None if weights_only else self.scheduler,
+                                    load_rng=not (args.finetune or args.no_load_rng))
+            if not args.finetune:
+                self.iteration = state.get("iteration", 0)
+                self.consumed_samples = state.get("consumed_samples", 0)
         self.tracker = self._tracker()
 
     def _datasets(self):

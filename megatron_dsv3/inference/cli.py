@@ -1,0 +1,118 @@
+"""`dsv3-generate`: text generation from a dsv3-pretrain checkpoint with the MLA latent cache.
+
+    dsv3-generate --load runs/tiny-XXXX/checkpoints --preset tiny --prompt "def " --max-new-tokens 64 --greedy
+    dsv3-generate --load CKPT --preset tiny --prompt "x" --max-new-tokens 64 --temperature 0.8 --top-k 40 --seed 1
+    dsv3-generate --load CKPT --preset tiny --prompt "x" --max-new-tokens 64 --speculative
+
+The model flags are dsv3-pretrain's (`--preset` plus Megatron-LM overrides such as `--num-layers`), parsed the
+same way, so a checkpoint is read with the flags it was trained with. Prints the generated text, then one JSON
+line: tokens_per_s, cache_bytes_per_token, acceptance_rate (speculative only), ...
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Optional, Sequence
+
+import torch
+
+from megatron_dsv3.checkpoint.dist import CheckpointError
+from megatron_dsv3.training.arguments import UsageError
+
+PROG = "dsv3-generate"
+
+
+def add_generate_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = parser.add_argument_group("dsv3-generate")
+    g.add_argument("--prompt", type=str, default=None, help="prompt text (byte tokenizer)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--greedy", action="store_true", help="argmax decoding (the default unless --temperature > 0)")
+    g.add_argument("--temperature", type=float, default=None, help="sample with this temperature")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens when sampling (0: all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    g.add_argument("--speculative", action="store_true", help="greedy MTP speculative decoding")
+    g.add_argument("--stop-at-eod", action="store_true", help="stop after the byte tokenizer's end-of-document id")
+    g.add_argument("--capacity", type=int, default=None, help="cache positions (default: prompt + new tokens + 1)")
+    return parser
+
+
+def load_model(load_dir, cfg, seed: int = 1234, backend: Optional[str] = "local"):
+    """Initialise a one-process runtime, build the model for `cfg` and load a dsv3-pretrain checkpoint into it."""
+    from megatron_dsv3 import runtime
+    from megatron_dsv3.checkpoint.dist import load_checkpoint
+    from megatron_dsv3.model.builder import build_model
+
+    cfg = cfg.replace(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, expert_model_parallel_size=1)
+    runtime.initialize(tp=1, pp=1, ep=1, seed=seed)
+    model = build_model(cfg, backend=backend)
+    state = load_checkpoint(load_dir, [model], load_rng=False)
+    return model.eval(), state
+
+
+def _logs_to_stderr() -> None:
+    """megatron.training installs a root log handler on stdout; stdout here is the text and the JSON line."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) is sys.stdout:
+            handler.setStream(sys.stderr)
+
+
+def run(argv: Sequence[str]) -> dict:
+    from megatron_dsv3.inference.generate import InferenceEngine
+    from megatron_dsv3.inference.speculative import speculative_generate
+    from megatron_dsv3.training.arguments import config_from_args, parse_megatron_args
+    from megatron_dsv3.training.data import ByteTokenizer
+
+    args, explicit = parse_megatron_args(argv, add_generate_args)
+    _logs_to_stderr()
+    if not args.load:
+        raise UsageError("--load: required, a dsv3-pretrain checkpoint directory")
+    if args.prompt is None or args.prompt == "":
+        raise UsageError("--prompt: required, non-empty text")
+    if args.max_new_tokens is None or args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
+    sampling = args.temperature is not None and args.temperature > 0 and not args.greedy
+    if args.speculative and sampling:
+        raise UsageError("--speculative: greedy only; drop --temperature or pass --greedy")
+    if not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p: must be in (0, 1], got {args.top_p}")
+    cfg = config_from_args(args, explicit)
+    tok = ByteTokenizer()
+    if cfg.vocab_size < tok.vocab_size:
+        raise UsageError(f"--vocab-size: the model's vocabulary ({cfg.vocab_size}) is smaller than the byte "
+                         f"tokenizer's ({tok.vocab_size})")
+    ids = tok.tokenize(args.prompt)
+    capacity = args.capacity or len(ids) + args.max_new_tokens + 1
+    model, state = load_model(args.load, cfg, seed=args.seed, backend=getattr(args, "dsv3_backend", None) or "local")
+    engine = InferenceEngine(model, capacity=capacity)
+    eos = tok.eod if args.stop_at_eod else None
+    try:
+        if args.speculative:
+            out = speculative_generate(engine, ids, args.max_new_tokens, eos_id=eos)
+        else:
+            out = engine.generate(ids, args.max_new_tokens, greedy=not sampling,
+                                  temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p,
+                                  seed=args.seed, eos_id=eos)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    text = tok.detokenize(out.as_list())
+    stats = {k: v for k, v in out.stats.items() if k != "logits"}
+    stats.update(load=str(args.load), iteration=state.get("iteration"), tokens=out.as_list(), text=text)
+    stats.setdefault("acceptance_rate", None)
+    return stats
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        stats = run(argv)
+    except (UsageError, CheckpointError) as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(stats.pop("text"))
+    print(json.dumps(stats))
+
+
+if __name__ == "__main__":
+    main()

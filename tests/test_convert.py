@@ -1,0 +1,275 @@
+"""dsv3-convert: bit-exact round trips (TP1/EP1 and a 2-rank EP=2 layout), FP8 import against transformers,
+streaming memory bound, and one-line errors for bad inputs."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import megatron_dsv3 as m
+from megatron_dsv3.checkpoint import convert
+from megatron_dsv3.checkpoint.dist import load_checkpoint
+from megatron_dsv3.checkpoint.hf import config_from_hf
+from megatron_dsv3.fp8 import dequantize_blockwise, quantize_blockwise
+from tests.distributed import REPO, torchrun
+from tests.hf_oracle import random_hf_model, tiny_hf_config
+from tests.test_hf_import import _mtp_tensors, _per_expert_layout
+
+BLOCK = (128, 128)
+
+
+def write_hf(folder: Path, tensors: dict, config: dict, shards: int = 3) -> Path:
+    """config.json + `shards` safetensors files (round-robin, so layers straddle shards) + index."""
+    folder.mkdir(parents=True)
+    names = sorted(tensors)
+    weight_map = {}
+    for s in range(shards):
+        file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: tensors[n].clone().contiguous() for n in names[s::shards]}
+        save_file(part, str(folder / file))
+        weight_map.update({n: file for n in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def read_hf(folder: Path) -> dict:
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def tiny_checkpoint(tmp_path: Path, dtype=torch.float32, **overrides):
+    """A random tiny DeepSeek-V3 in the public layout (per-expert tensors, MTP as layer L), and its tensors."""
+    hf_config = tiny_hf_config(num_mtp_layers=1, **overrides)
+    hf = random_hf_model(hf_config)
+    cfg = config_from_hf(hf_config)
+    state = _per_expert_layout({k: v.detach() for k, v in hf.state_dict().items()})
+    state.update(_mtp_tensors(state, cfg))
+    state = {k: v.to(dtype).contiguous() for k, v in state.items()}
+    config = hf_config.to_dict()
+    config["num_nextn_predict_layers"] = 1
+    return hf, hf_config, state, config
+
+
+def assert_identical(a: dict, b: dict):
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_round_trip_is_bit_identical(runtime, tmp_path, dtype):
+    _, _, state, config = tiny_checkpoint(tmp_path, dtype)
+    src = write_hf(tmp_path / "hf", state, config)
+    assert convert.main(["hf-to-mcore", "--input", str(src), "--output", str(tmp_path / "ckpt"), "--no-progress"]) == 0
+    assert convert.main(["mcore-to-hf", "--input", str(tmp_path / "ckpt"), "--output", str(tmp_path / "back"),
+                         "--max-shard-size", "40KB", "--no-progress"]) == 0
+    assert len(list((tmp_path / "back").glob("*.safetensors"))) > 3
+    assert_identical(read_hf(tmp_path / "back"), state)
+    assert json.loads((tmp_path / "back" / "config.json").read_text()) == json.loads(json.dumps(config))
+
+
+def test_rotate_half_rope_round_trip(runtime, tmp_path):
+    _, _, state, config = tiny_checkpoint(tmp_path)
+    config["rope_interleave"] = False
+    src = write_hf(tmp_path / "hf", state, config, shards=1)
+    convert.hf_to_mcore(src, tmp_path / "ckpt", progress=False)
+    convert.mcore_to_hf(tmp_path / "ckpt", tmp_path / "back", progress=False)
+    assert_identical(read_hf(tmp_path / "back"), state)
+
+
+def _fp8_checkpoint(state: dict):
+    """Quantize the 2-D weights DeepSeek quantizes; also return the dequantized (fp32) tensors."""
+    from megatron_dsv3.checkpoint.mapping import quantized_in_fp8
+
+    out, deq = {}, {}
+    for name, t in state.items():
+        if quantized_in_fp8(name, t.shape):
+            q, s = quantize_blockwise(t, BLOCK)
+            out[name], out[name + "_scale_inv"] = q, s
+            deq[name] = dequantize_blockwise(q, s, BLOCK, torch.float32)
+            scale = s.repeat_interleave(128, 0)[: t.shape[0]].repeat_interleave(128, 1)[:, : t.shape[1]]
+            assert ((deq[name] - t).abs() <= t.abs() / 16 + scale * 2.0 ** -9).all(), name  # E4M3: 3 mantissa bits
+        else:
+            out[name] = deq[name] = t
+    return out, deq
+
+
+def _fused(per_expert: dict, like: dict) -> dict:
+    """transformers 5's in-memory layout (stacked experts) from per-expert tensors."""
+    out = {}
+    for name, ref in like.items():
+        if name.endswith("mlp.experts.gate_up_proj"):
+            p = name[: -len("gate_up_proj")]
+            out[name] = torch.stack([torch.cat([per_expert[f"{p}{e}.gate_proj.weight"],
+                                                per_expert[f"{p}{e}.up_proj.weight"]]) for e in range(ref.shape[0])])
+        elif name.endswith("mlp.experts.down_proj"):
+            p = name[: -len("down_proj")]
+            out[name] = torch.stack([per_expert[f"{p}{e}.down_proj.weight"] for e in range(ref.shape[0])])
+        else:
+            out[name] = per_expert[name]
+    return out
+
+
+def test_fp8_import_matches_transformers(runtime, tmp_path):
+    hf, hf_config, state, config = tiny_checkpoint(tmp_path)
+    fp8_state, deq = _fp8_checkpoint(state)
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128],
+                                     "activation_scheme": "dynamic"}
+    src = write_hf(tmp_path / "hf", fp8_state, config, shards=2)
+    assert convert.main(["hf-to-mcore", "--input", str(src), "--output", str(tmp_path / "ckpt"),
+                         "--dtype", "float32", "--no-progress"]) == 0
+    cfg = config_from_hf(hf_config)
+    model = m.build_model(cfg).eval()
+    load_checkpoint(tmp_path / "ckpt", [model], load_rng=False)
+    hf.load_state_dict(_fused(deq, hf.state_dict()), strict=True)
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        ours = model(ids, torch.arange(12).expand(2, 12), None)
+        ref = hf(ids).logits
+    assert (ours - ref).abs().max().item() <= 1e-5
+    # exported back without --fp8: the dequantized fp32 tensors; with --fp8: the same E4M3 bytes and scales
+    convert.mcore_to_hf(tmp_path / "ckpt", tmp_path / "back", progress=False)
+    assert_identical(read_hf(tmp_path / "back"), {k: v.to(torch.float32) for k, v in deq.items()})
+    convert.mcore_to_hf(tmp_path / "ckpt", tmp_path / "back8", fp8=True, progress=False)
+    back8 = read_hf(tmp_path / "back8")
+    assert sorted(back8) == sorted(fp8_state)
+    for name, t in back8.items():  # re-quantizing dequantized E4M3 may pick the other power-of-2 scale
+        assert t.dtype == fp8_state[name].dtype, name
+        if t.dtype == torch.float8_e4m3fn:
+            again = dequantize_blockwise(t, back8[name + "_scale_inv"], BLOCK, torch.float32)
+            torch.testing.assert_close(again, deq[name], rtol=0, atol=1e-6)
+    assert "quantization_config" in json.loads((tmp_path / "back8" / "config.json").read_text())
+
+
+def _cli(*args, cwd=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "megatron_dsv3.checkpoint.convert", *args], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=cwd)
+
+
+@pytest.mark.parametrize("case", ["missing", "unexpected", "misshaped", "no_input"])
+def test_bad_inputs_exit_2_with_one_line(runtime, tmp_path, case):
+    _, _, state, config = tiny_checkpoint(tmp_path)
+    name = "model.layers.2.mlp.experts.5.up_proj.weight"
+    if case == "missing":
+        del state[name]
+    elif case == "unexpected":
+        state["model.layers.2.mlp.experts.99.up_proj.weight"] = state[name]
+        name = "model.layers.2.mlp.experts.99.up_proj.weight"
+    elif case == "misshaped":
+        state[name] = state[name][:, :-1]
+    src = write_hf(tmp_path / "hf", state, config)
+    if case == "no_input":
+        src, name = tmp_path / "nowhere", str(tmp_path / "nowhere")
+    out = tmp_path / "ckpt"
+    result = _cli("hf-to-mcore", "--input", str(src), "--output", str(out), "--no-progress")
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [l for l in result.stderr.splitlines() if l.startswith("dsv3-convert: error:")]
+    assert len(errors) == 1 and name in errors[0] and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert not out.exists() and not list(tmp_path.glob(".ckpt.tmp-*"))
+
+
+def test_bad_mcore_input_exit_2(runtime, tmp_path):
+    assert convert.main(["mcore-to-hf", "--input", str(tmp_path / "none"), "--output", str(tmp_path / "o")]) == 2
+    assert not (tmp_path / "o").exists()
+
+
+def _synthetic(folder: Path, shards: int, hidden: int, experts: int, layers: int, vocab: int):
+    """Random tensors shaped by a DeepSeek-V3 config, written one shard at a time (kept small in this process)."""
+    from megatron_dsv3.checkpoint.mapping import build_template
+
+    config = tiny_hf_config(hidden_size=hidden, intermediate_size=2 * hidden, moe_intermediate_size=hidden,
+                            n_routed_experts=experts, n_group=4, num_hidden_layers=layers, vocab_size=vocab,
+                            num_mtp_layers=0).to_dict()
+    config["num_nextn_predict_layers"] = 0
+    pieces, _ = build_template(config_from_hf(config))
+    total = sum(4 * torch.Size(p.shape).numel() for p in pieces)
+    folder.mkdir(parents=True)
+    weight_map, current, size, index, sizes = {}, {}, 0, 0, []
+
+    def flush():
+        nonlocal current, size, index
+        file = f"model-{index:05d}.safetensors"
+        save_file(current, str(folder / file))
+        weight_map.update({n: file for n in current})
+        sizes.append((folder / file).stat().st_size)
+        current, size, index = {}, 0, index + 1
+
+    for p in pieces:
+        current[p.hf_name] = torch.randn(p.shape)
+        size += 4 * current[p.hf_name].numel()
+        if size >= total / shards:
+            flush()
+    if current:
+        flush()
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps(config))
+    return sizes, total
+
+
+_MEASURE = """
+import sys
+from megatron_dsv3.checkpoint.convert import main
+rc = main(sys.argv[1:])
+hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]
+print('VMHWM_KB', hwm, rc)
+"""
+
+
+def _peak_kb(*args) -> int:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, "-c", _MEASURE, *args], env=env, capture_output=True, text=True,
+                            timeout=900)
+    line = [l for l in result.stdout.splitlines() if l.startswith("VMHWM_KB")]
+    assert line and line[0].split()[2] == "0", result.stderr[-3000:]
+    return int(line[0].split()[1])
+
+
+@pytest.mark.slow
+def test_peak_memory_is_bounded_by_the_largest_shard(runtime, tmp_path):
+    tiny_sizes, _ = _synthetic(tmp_path / "tiny", 1, 64, 8, 2, 256)
+    sizes, total = _synthetic(tmp_path / "big", 4, 256, 32, 5, 16384)
+    base = _peak_kb("hf-to-mcore", "--input", str(tmp_path / "tiny"), "--output", str(tmp_path / "t1"), "--no-progress")
+    peak = _peak_kb("hf-to-mcore", "--input", str(tmp_path / "big"), "--output", str(tmp_path / "b1"), "--no-progress")
+    base_out = _peak_kb("mcore-to-hf", "--input", str(tmp_path / "t1"), "--output", str(tmp_path / "t2"),
+                        "--no-progress")
+    peak_out = _peak_kb("mcore-to-hf", "--input", str(tmp_path / "b1"), "--output", str(tmp_path / "b2"),
+                        "--max-shard-size", str(max(sizes)), "--no-progress")
+    largest = max(sizes) / 1024
+    report = dict(shards_mb=[round(s / 2**20, 1) for s in sizes], model_mb=round(total / 2**20, 1),
+                  import_base_mb=round(base / 1024), import_peak_mb=round(peak / 1024),
+                  export_base_mb=round(base_out / 1024), export_peak_mb=round(peak_out / 1024))
+    print("convert memory:", json.dumps(report))
+    # Fixed overhead: the tiny run's peak (interpreter, torch, megatron-core) plus a constant allowance for
+    # per-run bookkeeping (metadata, tqdm, allocator slack) that does not grow with the model.
+    fixed_kb = 16 * 1024
+    assert len(sizes) >= 4 and total / 2**20 > 120
+    assert peak - base < 2 * largest + fixed_kb, report
+    assert peak_out - base_out < 2 * largest + fixed_kb, report
+    assert peak - base < total / 1024 / 2 and peak_out - base_out < total / 1024 / 2  # streams, never holds the model
+    assert_identical(read_hf(tmp_path / "b2"), read_hf(tmp_path / "big"))
+
+
+@pytest.mark.slow
+def test_ep2_layout_round_trip(runtime, tmp_path):
+    """HF -> mcore, loaded and re-saved by a 2-rank EP=2 job (megatron-core's own expert chunking) -> HF."""
+    _, _, state, config = tiny_checkpoint(tmp_path)
+    src = write_hf(tmp_path / "hf", state, config)
+    assert convert.main(["hf-to-mcore", "--input", str(src), "--output", str(tmp_path / "ckpt"),
+                         "--no-progress"]) == 0
+    results = torchrun("convert_ep2.py", 2, tmp_path / "out", str(src), str(tmp_path))
+    assert all(r["loaded_experts"] == 4 for r in results)
+    assert convert.main(["mcore-to-hf", "--input", str(tmp_path / "trained"), "--output",
+                         str(tmp_path / "back"), "--hf-config", str(src / "config.json"),
+                         "--max-shard-size", "30KB", "--no-progress"]) == 0
+    assert_identical(read_hf(tmp_path / "back"), state)
