@@ -52,21 +52,21 @@ class Executor:
         dist.recv(buf, self.global_ranks[from_rank], group=self.group, tag=self._tag(kind, mb, stage))
         return buf
 
-    def _forward(self, chunk: int, mb: int) -> None:
+    def _forward(self, chunk: int, mb: int) -> list[tuple]:
+        """Run a forward; returns the send it owes the next stage (if any)."""
         path = self.plan.paths[mb]
         stage = path.index((self.rank, chunk))
         inputs = self._recv(path[stage - 1][0], "F", mb, stage) if stage > 0 else None
         out = self.work.forward(chunk, mb, stage, inputs)
-        if stage < len(path) - 1:
-            self._send(out, path[stage + 1][0], "F", mb, stage + 1)
+        return [(out, path[stage + 1][0], "F", mb, stage + 1)] if stage < len(path) - 1 else []
 
-    def _backward(self, chunk: int, mb: int, split: bool) -> None:
+    def _backward(self, chunk: int, mb: int, split: bool) -> list[tuple]:
+        """Run a backward; returns the gradient send it owes the previous stage (if any)."""
         path = self.plan.paths[mb]
         stage = path.index((self.rank, chunk))
         grad = self._recv(path[stage + 1][0], "B", mb, stage) if stage < len(path) - 1 else None
         grad_in = self.work.backward(chunk, mb, stage, grad, split)
-        if stage > 0:
-            self._send(grad_in, path[stage - 1][0], "B", mb, stage - 1)
+        return [(grad_in, path[stage - 1][0], "B", mb, stage - 1)] if stage > 0 else []
 
     def run(self) -> None:
         """Execute every op of this rank, then wait for the outstanding sends."""
@@ -79,15 +79,15 @@ class Executor:
 
     def step(self, op: Op) -> None:
         if self.forward_only:  # evaluation: the forwards alone, in the schedule's order
-            if op.kind in ("F", "FB"):
-                self._forward(op.chunk, op.mb)
-            return
-        if op.kind == "F":
-            self._forward(op.chunk, op.mb)
+            sends = self._forward(op.chunk, op.mb) if op.kind in ("F", "FB") else []
+        elif op.kind == "F":
+            sends = self._forward(op.chunk, op.mb)
         elif op.kind == "B":
-            self._backward(op.chunk, op.mb, op.split)
+            sends = self._backward(op.chunk, op.mb, op.split)
         elif op.kind == "W":
             self.work.weight(op.chunk, op.mb, self.plan.stage_of(op.mb, self.rank, op.chunk))
-        else:  # FB: the pair runs back to back here; its communication overlaps the partner's compute
-            self._forward(op.chunk, op.mb)
-            self._backward(op.chunk2, op.mb2, split=False)
+            sends = []
+        else:  # FB: an overlapped pair delivers both results when the pair ends, as the schedule assumes
+            sends = self._forward(op.chunk, op.mb) + self._backward(op.chunk2, op.mb2, split=False)
+        for send in sends:
+            self._send(*send)
