@@ -256,7 +256,7 @@ def test_peak_memory_is_bounded_by_the_largest_shard(runtime, tmp_path):
     assert len(sizes) >= 4 and total / 2**20 > 120
     assert peak - base < 2 * largest + fixed_kb, report
     assert peak_out - base_out < 2 * largest + fixed_kb, report
-    assert peak - base < total / 1024 / 2 and peak_out - base_out < total / 1024 / 2  # streams, never holds the model
+    assert max(peak - base, peak_out - base_out) < 0.75 * total / 1024  # streams: never the whole model
     assert_identical(read_hf(tmp_path / "b2"), read_hf(tmp_path / "big"))
 
 

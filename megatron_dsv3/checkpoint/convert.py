@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_dsv3.checkpoint import dcp_io
+from megatron_dsv3.checkpoint.dist import _barrier, _broadcast, _rank, _world
 from megatron_dsv3.checkpoint.mapping import build_template, mtp_duplicates, quantized_in_fp8, rope_order
 
 FP8_BLOCK = (128, 128)
@@ -135,27 +136,6 @@ def _convert_in(src: HFIndex, handles: dict, piece, dtype: Optional[torch.dtype]
 
 
 # ---------------------------------------------------------------- runtime helpers
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and _world() > 1:
-        dist.barrier()
-
-
-def _broadcast(obj):
-    if not dist.is_initialized() or _world() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _one_stage_runtime() -> None:
