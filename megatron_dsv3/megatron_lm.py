@@ -138,7 +138,8 @@ def moe_metrics_for_logging(model_chunks, all_reduce: bool = True) -> dict:
     i.e. from `wrap_finalize_model_grads`; with all_reduce the loads are summed over TP x DP (collective)."""
     from megatron_dsv3.tracking.moe_metrics import moe_step_metrics
 
-    routers, names = biased_routers(model_chunks), router_names(model_chunks)
+    routers = biased_routers(model_chunks)
+    names = router_names(routers)
     if not routers:  # dense model or eval mode
         return {"tokens_per_expert": {}, "expert_bias": {}, "scalars": {}}
     loads = torch.stack([r.local_tokens_per_expert for r in routers]).clone()

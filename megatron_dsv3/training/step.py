@@ -29,13 +29,9 @@ def forward_step(data_iterator, model):
     return output, partial(loss_func, batch["loss_mask"].float())
 
 
-def router_names(model_chunks) -> list[str]:
-    """Readable names for the biased routers, decoder layers by global number then MTP modules."""
-    names = []
-    for router in biased_routers(model_chunks):
-        number = getattr(router, "layer_number", None)
-        names.append(f"mtp_{number - 1}" if router.is_mtp_layer else f"layer_{number - 1:02d}")
-    return names
+def router_names(routers) -> list[str]:
+    """Readable names for biased routers (from `biased_routers`): `layer_NN` by global number, `mtp_K`."""
+    return [f"mtp_{r.layer_number - 1}" if r.is_mtp_layer else f"layer_{r.layer_number - 1:02d}" for r in routers]
 
 
 class LoadCapture:
@@ -48,14 +44,14 @@ class LoadCapture:
 
     def __call__(self, model, num_tokens=None, **kwargs):
         routers = biased_routers(self.model_chunks)
+        names = router_names(routers)
         if routers:
             loads = torch.stack([r.local_tokens_per_expert for r in routers]).clone()
             group = parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
             torch.distributed.all_reduce(loads, group=group)
-            self.loads = dict(zip(router_names(self.model_chunks), loads))
+            self.loads = dict(zip(names, loads))
         result = finalize_model_grads(model, num_tokens, **kwargs)
-        self.biases = {n: r.expert_bias.detach().clone()
-                       for n, r in zip(router_names(self.model_chunks), biased_routers(self.model_chunks))}
+        self.biases = {n: r.expert_bias.detach().clone() for n, r in zip(names, routers)}
         return result
 
 
@@ -70,7 +66,7 @@ def _last_stage_scalar(values: dict[str, float], keys: list[str]) -> dict[str, f
     return dict(zip(keys, buf.tolist()))
 
 
-def reduce_losses(losses: list[dict], forward_only: bool = False) -> dict[str, float]:
+def reduce_losses(losses: list[dict]) -> dict[str, float]:
     """Token-weighted mean LM loss over micro-batches and data-parallel ranks."""
     out = {}
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and losses:
@@ -131,7 +127,7 @@ def evaluate(model_chunks, data_iterator, *, iters: int, num_microbatches: int, 
             forward_step_func=forward_step, data_iterator=data_iterator, model=model_chunks,
             num_microbatches=num_microbatches, seq_length=seq_length, micro_batch_size=micro_batch_size,
             decoder_seq_length=seq_length, forward_only=True)
-        totals.append(reduce_losses(losses, forward_only=True)["lm_loss"])
+        totals.append(reduce_losses(losses)["lm_loss"])
     for chunk in model_chunks:
         chunk.train()
     get_moe_metrics_tracker().clear()
