@@ -22,19 +22,29 @@ def _reference(layers: int, microbatches: int, forward_only: bool):
     return losses, grads
 
 
-CASES = [("dualpipe", 2, 4, 4), ("dualpipe", 4, 4, 8), ("dualpipev", 2, 4, 4), ("dualpipev", 4, 8, 8)]
+CASES = [("dualpipe", 2, 4, 4, 1), ("dualpipe", 4, 4, 8, 1), ("dualpipev", 2, 4, 4, 1), ("dualpipev", 4, 8, 8, 1),
+         ("dualpipe", 2, 4, 4, 2), ("dualpipev", 2, 4, 4, 2)]
+
+
+def _losses_in_order(ranks: list[dict], schedule: str, pp: int) -> list:
+    """Per-micro-batch loss reports in the reference's order: DP rank by DP rank, then micro-batch order.
+    DualPipe finishes its first half of micro-batches on the last pipeline rank and the rest on rank 0;
+    DualPipeV finishes all of them on rank 0."""
+    out = []
+    for dp_rank in sorted({r["dp_rank"] for r in ranks}):
+        at = {r["pp_rank"]: r["losses"] for r in ranks if r["dp_rank"] == dp_rank}
+        out += at[pp - 1] + at[0] if schedule == "dualpipe" else at[0]
+    return out
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("schedule,pp,layers,microbatches", CASES, ids=[f"{c[0]}-pp{c[1]}" for c in CASES])
-def test_losses_and_gradients_match_no_pipelining(runtime, tmp_path, schedule, pp, layers, microbatches):
-    ranks = torchrun("dualpipe_grads.py", pp, tmp_path, schedule, str(layers), str(microbatches), "0")
-    ref_losses, ref_grads = _reference(layers, microbatches, forward_only=False)
-    if schedule == "dualpipe":  # the last rank finishes the first half of the micro-batches, rank 0 the rest
-        got = ranks[-1]["losses"] + ranks[0]["losses"]
-    else:
-        got = ranks[0]["losses"]
-    assert len(got) == microbatches
+@pytest.mark.parametrize("schedule,pp,layers,microbatches,ep", CASES,
+                         ids=[f"{c[0]}-pp{c[1]}" + (f"-ep{c[4]}" if c[4] > 1 else "") for c in CASES])
+def test_losses_and_gradients_match_no_pipelining(runtime, tmp_path, schedule, pp, layers, microbatches, ep):
+    ranks = torchrun("dualpipe_grads.py", pp * ep, tmp_path, schedule, str(layers), str(microbatches), "0", str(ep))
+    ref_losses, ref_grads = _reference(layers, microbatches * ep, forward_only=False)
+    got = _losses_in_order(ranks, schedule, pp)
+    assert len(got) == microbatches * ep
     for (s, n), (rs, rn) in zip(got, ref_losses):
         assert n == rn and s == pytest.approx(rs, rel=1e-6)
     grads = {name: torch.tensor(g) for r in ranks for name, g in r["grads"].items()}

@@ -102,3 +102,26 @@ def test_console_script_reports_without_traceback():
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("dsv3-pretrain: error: --load: ")
+
+
+SCHEDULE_BAD = [
+    (1, ["--pipeline-schedule", "dualpipe"], "--pipeline-schedule dualpipe: needs --pipeline-model-parallel-size >= 2"),
+    (3, ["--pipeline-schedule", "dualpipe", "--pipeline-model-parallel-size", "3", "--num-layers", "6"],
+     "DualPipe needs an even number of ranks"),
+    (2, ["--pipeline-schedule", "dualpipev", "--pipeline-model-parallel-size", "2", "--global-batch-size", "4"],
+     "micro-batches: DualPipeV needs at least 2 x pipeline ranks = 4"),
+    (4, ["--pipeline-schedule", "dualpipev", "--pipeline-model-parallel-size", "4", "--global-batch-size", "16"],
+     "--pipeline-schedule dualpipev: 8 pipeline stages"),
+    (2, ["--pipeline-schedule", "zb", "--pipeline-model-parallel-size", "2"], "--pipeline-schedule: invalid choice"),
+]
+
+
+@pytest.mark.parametrize("world,argv,message", SCHEDULE_BAD, ids=[str(i) for i in range(len(SCHEDULE_BAD))])
+def test_bad_pipeline_schedule_settings_are_one_line_errors(capsys, monkeypatch, world, argv, message):
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    with pytest.raises(SystemExit) as exc:
+        main(["--preset", "tiny", "--train-iters", "2", "--seq-length", "8", "--micro-batch-size", "2", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1], err[-1]
+    assert not any("Traceback" in line for line in err)

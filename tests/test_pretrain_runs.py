@@ -48,3 +48,32 @@ def test_two_rank_layouts_follow_the_one_rank_loss_curve(one_rank_curve, layout)
     assert len(parallel["lm_losses"]) == 5
     for one, two in zip(one_rank_curve, parallel["lm_losses"]):
         assert two == pytest.approx(one, rel=1e-4)
+
+
+PP2_DP2 = ["--pipeline-model-parallel-size", "2", "--micro-batch-size", "2", "--global-batch-size", "16"]
+
+
+@pytest.fixture(scope="module")
+def one_f_one_b_4_ranks() -> list[float]:
+    return pretrain("--train-iters", "5", *PP2_DP2, nproc=4)["lm_losses"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["dualpipev", "dualpipe"])
+def test_dual_schedules_follow_the_1f1b_loss_curve_on_4_ranks(one_f_one_b_4_ranks, schedule):
+    """PP=2 x DP=2 with DDP on two chunks per rank, the tied MTP embedding and per-token loss scaling."""
+    dual = pretrain("--train-iters", "5", *PP2_DP2, "--pipeline-schedule", schedule, nproc=4)["lm_losses"]
+    assert len(dual) == 5
+    for ref, got in zip(one_f_one_b_4_ranks, dual):
+        assert got == pytest.approx(ref, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_dualpipe_checkpoint_resumes_under_1f1b(one_f_one_b_4_ranks, tmp_path):
+    """Checkpoint keys are global, mirror copies are replicas: a DualPipe save is an ordinary checkpoint."""
+    saved = pretrain("--train-iters", "5", *PP2_DP2, "--pipeline-schedule", "dualpipe", "--exit-interval", "3",
+                     "--save", str(tmp_path), nproc=4)
+    resumed = pretrain("--train-iters", "5", *PP2_DP2, "--load", str(tmp_path), nproc=4)
+    assert saved["steps"] == 3 and resumed["steps"] == 5
+    for ref, got in zip(one_f_one_b_4_ranks[3:], resumed["lm_losses"]):
+        assert got == pytest.approx(ref, rel=1e-4)

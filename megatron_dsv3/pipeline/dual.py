@@ -13,11 +13,16 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel.schedules import backward_step, forward_step_calc_loss
-from megatron.core.utils import get_model_config
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.utils import get_attr_wrapped_model, get_model_config, unwrap_model
 
 from megatron_dsv3.pipeline.executor import Executor
-from megatron_dsv3.pipeline.placement import mirror_partner, own_parameters
+from megatron_dsv3.pipeline.placement import StageGroup, mirror_partner, mirror_state, tie_embedding_grads
 from megatron_dsv3.pipeline.schedule import build
+
+
+DUAL_SCHEDULES = ("dualpipe", "dualpipev")
+SCHEDULES = ("1f1b", *DUAL_SCHEDULES)
 
 
 class ModelWork:
@@ -28,20 +33,24 @@ class ModelWork:
         self.config, self.num_microbatches, self.forward_only = config, num_microbatches, forward_only
         self.saved: dict[tuple[int, int], tuple] = {}
         self.losses: dict[int, dict] = {}
+        self.num_tokens = torch.zeros([], dtype=torch.int)
+        self.is_loss_stage = [unwrap_model(c).post_process for c in chunks]
 
     def forward(self, chunk, mb, stage, inputs):
         model = self.chunks[chunk]
         if inputs is not None:
             inputs = inputs.detach().requires_grad_(not self.forward_only)
-        model.set_input_tensor(inputs)
+        get_attr_wrapped_model(model, "set_input_tensor")(inputs)
         context = torch.no_grad() if self.forward_only else torch.enable_grad()
         with context:
             output, loss_func = self.forward_step_func(iter([self.batches[mb]]), model)
-            if model.post_process:
+            if self.is_loss_stage[chunk]:
                 store: list = []
-                output, _ = forward_step_calc_loss(model, output, loss_func, self.config, None, False,
-                                                   self.num_microbatches, store, cp_group_size=1, is_last_stage=True)
+                output, num_tokens = forward_step_calc_loss(
+                    model, output, loss_func, self.config, None, False, self.num_microbatches, store,
+                    cp_group_size=1, is_last_stage=True)
                 self.losses[mb] = store[0]
+                self.num_tokens += num_tokens
         if not self.forward_only:
             self.saved[(chunk, mb)] = (inputs, output)
         return output
@@ -74,28 +83,39 @@ def _set_aux_loss_scales(config, num_microbatches: int) -> None:
         MTPLossAutoScaler.set_loss_scale(scale)
 
 
-def _sum_mirror_grads(chunks, partner: int) -> None:
-    """Add the partner's gradients of the mirror stages: my chunk 0 <-> its chunk 1 and vice versa."""
+def _sum_mirror_state(chunks, partner: int) -> None:
+    """Add the partner's gradients and router token counts of the mirror stages: my chunk 0 is the mirror of
+    its chunk 1 and the other way round, so both copies of a stage end the step with the same totals."""
     group = parallel_state.get_pipeline_model_parallel_group()
     peer = dist.get_global_rank(group, partner)
-    params = [own_parameters(chunks[0]), own_parameters(chunks[1])]
-
-    def flat(ps):
-        return torch.cat([(p.main_grad if hasattr(p, "main_grad") else p.grad).reshape(-1) for p in ps])
-
-    mine = [flat(params[0]), flat(params[1])]
-    # The partner's chunk 0 is the mirror of my chunk 1 and the other way round; tags keep the two apart.
-    mirror_of = [torch.empty_like(mine[0]), torch.empty_like(mine[1])]
-    ops = [dist.P2POp(dist.isend, mine[0], peer, tag=1), dist.P2POp(dist.isend, mine[1], peer, tag=2),
+    mine = [mirror_state(chunks[0]), mirror_state(chunks[1])]
+    flat = [torch.cat([t.reshape(-1).to(torch.float64) for t in ts]) for ts in mine]
+    mirror_of = [torch.empty_like(flat[0]), torch.empty_like(flat[1])]
+    ops = [dist.P2POp(dist.isend, flat[0], peer, tag=1), dist.P2POp(dist.isend, flat[1], peer, tag=2),
            dist.P2POp(dist.irecv, mirror_of[1], peer, tag=1), dist.P2POp(dist.irecv, mirror_of[0], peer, tag=2)]
     for work in dist.batch_isend_irecv(ops):
         work.wait()
-    for chunk_params, extra in zip(params, mirror_of):
-        offset = 0
-        for p in chunk_params:
-            g = p.main_grad if hasattr(p, "main_grad") else p.grad
-            g.add_(extra[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+    with torch.no_grad():
+        for tensors, extra in zip(mine, mirror_of):
+            offset = 0
+            for t in tensors:
+                t.add_(extra[offset:offset + t.numel()].view_as(t).to(t.dtype))
+                offset += t.numel()
+
+
+def _finalize_groups() -> ProcessGroupCollection:
+    """megatron-core's groups, with embedding groups of one rank: the dual placement ties embeddings locally."""
+    pg = ProcessGroupCollection.use_mpu_process_groups()
+    pg.embd = pg.pos_embd = StageGroup(0, 1)
+    return pg
+
+
+def _pipeline_total_tokens(num_tokens: torch.Tensor) -> torch.Tensor:
+    """Loss tokens summed over the loss stages of this pipeline (DualPipe has two, on different ranks), so
+    megatron-core's broadcast from the last stage hands every rank the same divisor."""
+    total = num_tokens.clone()
+    dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+    return total
 
 
 def forward_backward_dual(*, forward_step_func, data_iterator, model, num_microbatches, seq_length,
@@ -129,9 +149,11 @@ def forward_backward_dual(*, forward_step_func, data_iterator, model, num_microb
     if not forward_only:
         partner = mirror_partner(schedule)
         if partner is not None:
-            _sum_mirror_grads(chunks, partner)
+            _sum_mirror_state(chunks, partner)
+        tie_embedding_grads(chunks)
         if config.finalize_model_grads_func is not None:
-            config.finalize_model_grads_func(chunks)
+            num_tokens = _pipeline_total_tokens(work.num_tokens) if config.calculate_per_token_loss else None
+            config.finalize_model_grads_func(chunks, num_tokens, pg_collection=_finalize_groups())
     return [work.losses[mb] for mb in sorted(work.losses)]
 
 
@@ -141,6 +163,6 @@ def get_forward_backward_func(schedule: str):
         from megatron.core.pipeline_parallel import get_forward_backward_func as mcore
 
         return mcore()
-    if schedule in ("dualpipe", "dualpipev"):
+    if schedule in DUAL_SCHEDULES:
         return partial(forward_backward_dual, schedule=schedule)
     raise ValueError(f"--pipeline-schedule: expected 1f1b, dualpipe or dualpipev, got {schedule!r}")

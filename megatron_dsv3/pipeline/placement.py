@@ -3,8 +3,9 @@
 DualPipe: rank r holds stage r of the model (chunk 0) and a mirror copy of stage P-1-r (chunk 1), which the
 reversed micro-batch stream uses; mirror copies start equal and their gradients are summed, so they stay equal.
 DualPipeV: 2P stages in a V, rank r holds stages r (chunk 0) and 2P-1-r (chunk 1), one copy of everything.
-Either way the rank that runs a path's last stage also holds a first stage, so the MTP module borrows that
-chunk's embedding locally instead of megatron-core's cross-stage embedding all-reduce.
+Either way the rank that runs a path's last stage also holds a first stage, so the MTP module's embedding copy
+is tied to that chunk's embedding locally (gradients summed on the rank) instead of megatron-core's cross-stage
+embedding all-reduce; each chunk keeps its own parameters, so each can be wrapped in megatron-core's DDP.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.utils import unwrap_model
 
 from megatron_dsv3.config import DSV3Config
 from megatron_dsv3.model.builder import build_model
@@ -47,7 +49,7 @@ def build_stage(cfg: DSV3Config, stage: int, stages: int, *, seed: int, backend=
     staged = cfg.replace(pipeline_model_parallel_size=stages)
     pg = ProcessGroupCollection.use_mpu_process_groups()
     pg.pp = StageGroup(stage, stages)
-    pg.embd = None  # no cross-stage embedding sync: the dual placement shares it on one rank
+    pg.embd = None  # no cross-stage embedding sync: the dual placement ties the copies on one rank
     saved = (parallel_state._MPU_PIPELINE_MODEL_PARALLEL_RANK, parallel_state._MPU_PIPELINE_MODEL_PARALLEL_WORLD_SIZE)
     parallel_state.set_pipeline_model_parallel_rank(stage)
     parallel_state.set_pipeline_model_parallel_world_size(stages)
@@ -63,15 +65,32 @@ def build_stage(cfg: DSV3Config, stage: int, stages: int, *, seed: int, backend=
 
 
 def build_chunks(cfg: DSV3Config, schedule: str, *, seed: int, backend=None, **mcore_overrides) -> list:
-    """This rank's two chunks; a chunk with the MTP module but no embedding borrows its partner's."""
+    """This rank's two chunks. DualPipe's mirror copies are marked `shared`, so the gradient norm counts
+    every stage once (megatron-core's `param_is_not_shared`), and `dsv3_mirror`, so checkpoints store it once."""
     rank = parallel_state.get_pipeline_model_parallel_rank()
     ranks = parallel_state.get_pipeline_model_parallel_world_size()
     chunks = [build_stage(cfg, s, n, seed=seed, backend=backend, **mcore_overrides)
               for s, n in chunk_stages(schedule, rank, ranks)]
-    for mine, other in (chunks, chunks[::-1]):
-        if getattr(mine, "mtp_process", False) and not mine.pre_process and other.pre_process:
-            mine.embedding = other.embedding
+    if schedule == "dualpipe":
+        chunks[1].dsv3_mirror = True  # checkpoints: a replica of the partner's chunk 0
+        for p in chunks[1].parameters():
+            p.shared = True
     return chunks
+
+
+def _grad(p: torch.nn.Parameter) -> torch.Tensor:
+    return p.main_grad if hasattr(p, "main_grad") else p.grad
+
+
+@torch.no_grad()
+def tie_embedding_grads(chunks) -> None:
+    """Sum the gradients of the two embedding copies on this rank (first stage's and the MTP module's)."""
+    tables = [unwrap_model(c).embedding.word_embeddings.weight for c in chunks
+              if getattr(unwrap_model(c), "embedding", None) is not None]
+    if len(tables) == 2 and all(_grad(t) is not None for t in tables):
+        total = _grad(tables[0]) + _grad(tables[1])
+        for t in tables:
+            _grad(t).copy_(total)
 
 
 def mirror_partner(schedule: str) -> int | None:
@@ -81,8 +100,9 @@ def mirror_partner(schedule: str) -> int | None:
     return parallel_state.get_pipeline_model_parallel_world_size() - 1 - parallel_state.get_pipeline_model_parallel_rank()
 
 
-def own_parameters(chunk) -> list[torch.nn.Parameter]:
-    """The chunk's parameters, without the embedding it may borrow from the other chunk."""
-    borrowed = {id(p) for p in chunk.embedding.parameters()} if (
-        getattr(chunk, "embedding", None) is not None and not chunk.pre_process) else set()
-    return [p for p in chunk.parameters() if id(p) not in borrowed]
+def mirror_state(chunk) -> list[torch.Tensor]:
+    """What DualPipe sums between mirror copies: every gradient and every router's token counts."""
+    from megatron_dsv3.moe.balancing import biased_routers
+
+    grads = [_grad(p) for p in unwrap_model(chunk).parameters()]
+    return [g for g in grads if g is not None] + [r.local_tokens_per_expert for r in biased_routers([chunk])]

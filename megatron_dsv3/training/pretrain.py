@@ -40,6 +40,33 @@ class TrainSettings:
     save_interval: Optional[int]
     load: Optional[str]
     exit_interval: Optional[int]
+    pipeline_schedule: str = "1f1b"
+
+
+def _check_pipeline_schedule(args, cfg, num_microbatches: int) -> None:
+    """DualPipe(V) needs two chunks per rank, an even PP for DualPipe, enough micro-batches and layers."""
+    from megatron_dsv3.pipeline.placement import chunk_stages
+    from megatron_dsv3.pipeline.schedule import build
+
+    schedule, pp = args.pipeline_schedule, cfg.pipeline_model_parallel_size
+    if schedule == "1f1b":
+        return
+    if pp < 2:
+        raise UsageError(f"--pipeline-schedule {schedule}: needs --pipeline-model-parallel-size >= 2, got {pp}")
+    if any(getattr(args, k, None) for k in ("virtual_pipeline_model_parallel_size",
+                                            "num_layers_per_virtual_pipeline_stage")):
+        raise UsageError(f"--pipeline-schedule {schedule}: places its own two chunks per rank; drop the "
+                         "virtual-pipeline flags")
+    try:
+        build(schedule, pp, num_microbatches)
+    except ValueError as err:
+        raise UsageError(f"{err} (micro-batches = --global-batch-size / (--micro-batch-size x data-parallel size))"
+                         ) from None
+    stages = chunk_stages(schedule, 0, pp)[0][1]
+    try:
+        cfg.replace(pipeline_model_parallel_size=stages)
+    except ValueError as err:
+        raise UsageError(f"--pipeline-schedule {schedule}: {stages} pipeline stages: {err}") from None
 
 
 def _settings(args, data_parallel_size: int) -> TrainSettings:
@@ -67,7 +94,7 @@ def _settings(args, data_parallel_size: int) -> TrainSettings:
         weight_decay=args.weight_decay, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
         clip_grad=args.clip_grad, seed=args.seed, log_interval=args.log_interval, eval_interval=args.eval_interval,
         eval_iters=args.eval_iters, save=args.save, save_interval=args.save_interval, load=args.load,
-        exit_interval=args.exit_interval)
+        exit_interval=args.exit_interval, pipeline_schedule=args.pipeline_schedule)
 
 
 def _world_sizes(cfg) -> int:
@@ -94,6 +121,7 @@ def run(argv: Sequence[str]) -> dict:
     cfg = config_from_args(args, explicit)
     dp = _world_sizes(cfg)
     settings = _settings(args, dp)
+    _check_pipeline_schedule(args, cfg, settings.num_microbatches)
     trainer = Trainer(cfg, settings, args, model_kwargs)
     try:
         return trainer.train()

@@ -55,25 +55,24 @@ class LoadCapture:
         return result
 
 
-def _last_stage_scalar(values: dict[str, float], keys: list[str]) -> dict[str, float]:
-    """Broadcast scalars computed on the last pipeline stage to every stage (so rank 0 can log them)."""
+def _pipeline_sum(values: dict[str, float], keys: list[str]) -> dict[str, float]:
+    """Sum scalars over the pipeline ranks (absent = 0), so every rank, rank 0 included, holds the value of
+    whichever stages computed it: the last stage in 1F1B, the first rank or both ends in DualPipe(V)."""
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return values
     buf = torch.tensor([values.get(k, 0.0) for k in keys], dtype=torch.float64)
-    group = parallel_state.get_pipeline_model_parallel_group()
-    src = torch.distributed.get_global_rank(group, group.size() - 1)
-    torch.distributed.broadcast(buf, src=src, group=group)
+    torch.distributed.all_reduce(buf, group=parallel_state.get_pipeline_model_parallel_group())
     return dict(zip(keys, buf.tolist()))
 
 
 def reduce_losses(losses: list[dict]) -> dict[str, float]:
-    """Token-weighted mean LM loss over micro-batches and data-parallel ranks."""
-    out = {}
-    if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and losses:
-        total = torch.stack([d["lm loss"] for d in losses]).sum(dim=0)
-        torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-        out["lm_loss"] = (total[0] / total[1]).item()
-    return _last_stage_scalar(out, ["lm_loss"])
+    """Token-weighted mean LM loss over micro-batches and data-parallel ranks (loss stages report, others add 0)."""
+    total = torch.zeros(2)
+    for d in losses:
+        total += d["lm loss"].float()
+    torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    total_sum, count = _pipeline_sum({"sum": total[0].item(), "count": total[1].item()}, ["sum", "count"]).values()
+    return {"lm_loss": total_sum / count}
 
 
 def moe_and_mtp_metrics(config, num_microbatches: int, iteration: int) -> dict[str, float]:
@@ -92,17 +91,18 @@ def moe_and_mtp_metrics(config, num_microbatches: int, iteration: int) -> dict[s
             MTPLossLoggingHelper.reduce_metrics_in_tracker()
             scalars["mtp_loss"] = (tracker["loss_values"].sum() / num_microbatches).item()
             MTPLossLoggingHelper.clean_metrics_in_tracker()
-        scalars.update(_last_stage_scalar(scalars, ["mtp_loss"]))
+        scalars.update(_pipeline_sum(scalars, ["mtp_loss"]))
     return scalars
 
 
 def train_step(model_chunks, optimizer, scheduler, data_iterator, *, num_microbatches: int, seq_length: int,
-               micro_batch_size: int, global_batch_size: int) -> dict[str, float]:
-    """Forward/backward over the global batch with megatron-core's schedule, optimizer and LR steps."""
+               micro_batch_size: int, global_batch_size: int, forward_backward_func=None) -> dict[str, float]:
+    """Forward/backward over the global batch with the pipeline schedule (megatron-core's by default),
+    then the optimizer and LR steps."""
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    losses = get_forward_backward_func()(
+    losses = (forward_backward_func or get_forward_backward_func())(
         forward_step_func=forward_step, data_iterator=data_iterator, model=model_chunks,
         num_microbatches=num_microbatches, seq_length=seq_length, micro_batch_size=micro_batch_size,
         decoder_seq_length=seq_length, forward_only=False)
@@ -117,13 +117,13 @@ def train_step(model_chunks, optimizer, scheduler, data_iterator, *, num_microba
 
 @torch.no_grad()
 def evaluate(model_chunks, data_iterator, *, iters: int, num_microbatches: int, seq_length: int,
-             micro_batch_size: int) -> float:
+             micro_batch_size: int, forward_backward_func=None) -> float:
     """Mean validation LM loss over `iters` global batches."""
     for chunk in model_chunks:
         chunk.eval()
     totals = []
     for _ in range(iters):
-        losses = get_forward_backward_func()(
+        losses = (forward_backward_func or get_forward_backward_func())(
             forward_step_func=forward_step, data_iterator=data_iterator, model=model_chunks,
             num_microbatches=num_microbatches, seq_length=seq_length, micro_batch_size=micro_batch_size,
             decoder_seq_length=seq_length, forward_only=True)

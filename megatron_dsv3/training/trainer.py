@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from contextlib import ExitStack, contextmanager
+from functools import partial
 from typing import Optional
 
 import torch
@@ -15,6 +17,8 @@ from tqdm import tqdm
 from megatron_dsv3 import runtime
 from megatron_dsv3.checkpoint.dist import load_checkpoint, save_checkpoint
 from megatron_dsv3.model.builder import build_model
+from megatron_dsv3.pipeline.dual import DUAL_SCHEDULES, get_forward_backward_func
+from megatron_dsv3.pipeline.placement import build_chunks
 from megatron_dsv3.training import data
 from megatron_dsv3.training.arguments import UsageError
 from megatron_dsv3.training.init import init_layout_independent
@@ -55,6 +59,15 @@ def make_tokenizer(args):
                      "or HuggingFaceTokenizer")
 
 
+@contextmanager
+def _no_sync_all(model_chunks):
+    """DDP's no_sync on every chunk at once (the DualPipe schedules run two chunks per rank)."""
+    with ExitStack() as stack:
+        for chunk in model_chunks:
+            stack.enter_context(chunk.no_sync())
+        yield
+
+
 class Trainer:
     """Builds everything once, then `train()` runs the steps; rank 0 logs and reports."""
 
@@ -68,12 +81,11 @@ class Trainer:
         runtime.initialize(tp=cfg.tensor_model_parallel_size, pp=cfg.pipeline_model_parallel_size,
                            ep=cfg.expert_model_parallel_size, seed=settings.seed)
         self.rank = torch.distributed.get_rank()
-        model = build_model(cfg, calculate_per_token_loss=True, **(model_kwargs or {"backend": args.dsv3_backend}))
-        init_layout_independent(model, settings.seed)
-        ddp = DistributedDataParallel(
-            model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                                        use_distributed_optimizer=False), model)
-        self.model_chunks = [ddp]
+        self.model_chunks = [
+            DistributedDataParallel(chunk.config, DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False), chunk)
+            for chunk in self._build_chunks(model_kwargs or {"backend": args.dsv3_backend})]
+        self.forward_backward = get_forward_backward_func(settings.pipeline_schedule)
         self.optimizer = get_megatron_optimizer(OptimizerConfig(
             optimizer="adam", lr=settings.lr, min_lr=settings.min_lr, weight_decay=settings.weight_decay,
             adam_beta1=settings.adam_beta1, adam_beta2=settings.adam_beta2, clip_grad=settings.clip_grad,
@@ -85,11 +97,11 @@ class Trainer:
             lr_decay_style=settings.lr_decay_style, start_wd=settings.weight_decay, end_wd=settings.weight_decay,
             wd_incr_steps=iters * gbs, wd_incr_style="constant")
         self.loads = LoadCapture(self.model_chunks)
-        config = model.config
-        config.finalize_model_grads_func = self.loads
-        config.no_sync_func = ddp.no_sync
-        config.grad_scale_func = self.optimizer.scale_loss
-        self.mcore_config = config
+        for chunk in self.model_chunks:  # each chunk has its own config object; the schedules read chunk 0's
+            chunk.config.finalize_model_grads_func = self.loads
+            chunk.config.no_sync_func = partial(_no_sync_all, self.model_chunks)
+            chunk.config.grad_scale_func = self.optimizer.scale_loss
+        self.mcore_config = self.model_chunks[0].config
         self.iteration, self.consumed_samples, self.checkpoint = 0, 0, None
         if settings.load:
             # Megatron-LM's --finetune / --no-load-optim / --no-load-rng: converted or foreign checkpoints
@@ -102,6 +114,16 @@ class Trainer:
                 self.iteration = state.get("iteration", 0)
                 self.consumed_samples = state.get("consumed_samples", 0)
         self.tracker = self._tracker()
+
+    def _build_chunks(self, model_kwargs: dict) -> list:
+        """This rank's model chunks: one for 1F1B, two (a stage and its mirror or V partner) for DualPipe(V)."""
+        cfg, seed = self.cfg, self.settings.seed
+        if self.settings.pipeline_schedule in DUAL_SCHEDULES:
+            return build_chunks(cfg, self.settings.pipeline_schedule, seed=seed, calculate_per_token_loss=True,
+                                **model_kwargs)
+        model = build_model(cfg, calculate_per_token_loss=True, **model_kwargs)
+        init_layout_independent(model, seed)
+        return [model]
 
     def _datasets(self):
         """Megatron indexed data for --data-path, else the built-in corpus; data errors name their flag."""
@@ -161,7 +183,8 @@ class Trainer:
             start = time.perf_counter()
             metrics = train_step(self.model_chunks, self.optimizer, self.scheduler, train_iter,
                                  num_microbatches=s.num_microbatches, seq_length=s.seq_length,
-                                 micro_batch_size=s.micro_batch_size, global_batch_size=s.global_batch_size)
+                                 micro_batch_size=s.micro_batch_size, global_batch_size=s.global_batch_size,
+                                 forward_backward_func=self.forward_backward)
             self.iteration += 1
             self.consumed_samples += s.global_batch_size
             metrics.update(moe_and_mtp_metrics(self.mcore_config, s.num_microbatches, self.iteration))
@@ -178,7 +201,8 @@ class Trainer:
             if s.eval_interval and (self.iteration % s.eval_interval == 0 or self.iteration == s.train_iters):
                 valid_loss = evaluate(self.model_chunks, self._iterator(self.valid_data, 0), iters=s.eval_iters,
                                       num_microbatches=s.num_microbatches, seq_length=s.seq_length,
-                                      micro_batch_size=s.micro_batch_size)
+                                      micro_batch_size=s.micro_batch_size,
+                                      forward_backward_func=self.forward_backward)
                 if self.tracker is not None:
                     self.tracker.log({"valid/lm_loss": valid_loss}, step=self.iteration)
             if s.save and s.save_interval and self.iteration % s.save_interval == 0:
