@@ -94,12 +94,16 @@ _DEFAULT_STREAM = _CPUStream()
 
 
 class _CudaLiteralsOnCPU(torch.overrides.TorchFunctionMode):
-    """Rewrites device="cuda" in tensor factory calls to the CPU, and `t.cuda()` to `t`, while active."""
+    """Rewrites device="cuda" in tensor factory calls to the CPU, `t.cuda()` to `t`, and names CPU tensors'
+    `t.type()` as their CUDA type (checks like `param.type() == 'torch.cuda.BFloat16Tensor'`), while active."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
         device = kwargs.get("device")
         if device is not None and torch.device(device).type == "cuda":
             kwargs = {**kwargs, "device": "cpu"}
@@ -186,8 +190,11 @@ def apply_cpu_patches() -> None:
 
     # optimizer/optimizer.py MegatronOptimizer.has_grad_norm_group (flag tensor), reached from the
     # step() of ChainedOptimizer / FP32Optimizer / MixedPrecisionOptimizer.
+    # ... and Float16OptimizerWithFloat16Params.__init__ (--bf16) also checks param.type() against CUDA names.
     fp32_optimizer = mcore_optimizer.FP32Optimizer
     fp32_optimizer.__init__ = _cuda_literals_on_cpu(fp32_optimizer.__init__)
+    fp16_optimizer = mcore_optimizer.Float16OptimizerWithFloat16Params
+    fp16_optimizer.__init__ = _cuda_literals_on_cpu(fp16_optimizer.__init__)
     for cls in (mcore_optimizer.ChainedOptimizer, fp32_optimizer, mcore_optimizer.MixedPrecisionOptimizer):
         cls.step = _cuda_literals_on_cpu(cls.step)
     # clip_grad_by_total_norm_fp32 also asserts each grad is a torch.cuda.FloatTensor: replaced outright.

@@ -11,6 +11,8 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_dsv3.moe.balancing import biased_routers
+from megatron_dsv3.pipeline.dual import DUAL_SCHEDULES, get_forward_backward_func
+from megatron_dsv3.pipeline.placement import build_chunks
 from megatron_dsv3.training.arguments import (_DIRECT, _YARN, add_dsv3_args, chain_providers, config_from_args,
                                               explicit_dests)
 from megatron_dsv3.training.step import loss_func, router_names
@@ -88,16 +90,45 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
         backend = _BACKENDS.get(args.transformer_impl)  # Megatron's default (TE) is not taken as a request
     overrides = {k: getattr(args, k) for k in ("bf16", "fp16", "params_dtype", "sequence_parallel")
                  if getattr(args, k, None) is not None}
-    return build_model(dsv3_config_from_megatron_args(args), backend=backend, pre_process=pre_process,
-                       post_process=post_process, vp_stage=vp_stage, **overrides)
+    cfg = dsv3_config_from_megatron_args(args)
+    if args.pipeline_schedule in DUAL_SCHEDULES:
+        install_pipeline_schedule(args.pipeline_schedule)
+        return ModelChunks(build_chunks(cfg, args.pipeline_schedule, seed=args.seed, backend=backend, **overrides))
+    return build_model(cfg, backend=backend, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage,
+                       **overrides)
+
+
+class ModelChunks(list):
+    """This rank's two DualPipe(V) chunks. megatron.training's get_model sets `model_type` on what a provider
+    returns and then treats a list as the rank's model chunks (each wrapped in DDP), as it does for VPP."""
+
+
+def install_pipeline_schedule(schedule: str) -> None:
+    """Route Megatron-LM's training loop to `schedule`: megatron/training/training.py imports
+    `get_forward_backward_func` by name (`from megatron.core.pipeline_parallel import ...`) and calls it in
+    `train()` and `evaluate()`, after the model is built; the DualPipe function accepts that call's keywords."""
+    import megatron.training.training as megatron_training
+
+    dual = get_forward_backward_func(schedule)
+    megatron_training.get_forward_backward_func = lambda *args, **kwargs: dual
 
 _BATCH_KEYS = ("tokens", "labels", "loss_mask", "attention_mask", "position_ids")
 
 
-def _get_batch(data_iterator, vp_stage=None) -> dict:
+def _stage_ends(model) -> tuple[bool, bool]:
+    """Whether this chunk is the model's first and last stage: a DualPipe(V) chunk knows its own stage,
+    a 1F1B or VPP chunk asks parallel_state."""
+    from megatron.core.utils import unwrap_model
+    stage = getattr(unwrap_model(model), "dsv3_stage", None)
+    if stage is not None:
+        return stage[0] == 0, stage[0] == stage[1] - 1
+    vp_stage = getattr(unwrap_model(model), "vp_stage", None)
+    return (parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage))
+
+
+def _get_batch(data_iterator, first: bool, last: bool) -> dict:
     """A micro-batch dict; middle pipeline stages get Nones, TP>1 broadcasts from TP rank 0 (megatron-core)."""
-    first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
-    last = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     if not (first or last):
         return dict.fromkeys(_BATCH_KEYS)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
@@ -123,8 +154,7 @@ def _get_batch(data_iterator, vp_stage=None) -> dict:
 
 def forward_step(data_iterator, model):
     """Megatron-LM GPT forward_step: (per-token losses, loss_func) with megatron-core's 3-tuple loss contract."""
-    from megatron.core.utils import get_attr_wrapped_model
-    batch = _get_batch(data_iterator, get_attr_wrapped_model(model, "vp_stage", allow_none=True))
+    batch = _get_batch(data_iterator, *_stage_ends(model))
     output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"],
                    loss_mask=batch["loss_mask"])
     return output, partial(loss_func, None if batch["loss_mask"] is None else batch["loss_mask"].float())

@@ -12,6 +12,7 @@ import megatron_dsv3 as m
 from megatron_dsv3 import megatron_lm as mlm
 from megatron_dsv3.moe.balancing import biased_routers
 from megatron_dsv3.presets import get_preset
+from megatron_dsv3.training.init import init_layout_independent
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -199,3 +200,30 @@ def test_launch_script_flags_give_a_valid_config(script, preset, pp):
     if preset == "v3-671b":
         layout["mtp_loss_weight"] = 0.1  # the recipe's 0.3 for the first 10T tokens
     assert cfg.replace(**layout) == get_preset(preset)
+
+
+def test_dualpipev_provider_and_schedule_reach_megatron_training(megatron_args, monkeypatch):
+    """`--pipeline-schedule dualpipev`: the provider returns the rank's two V chunks (a list, which
+    megatron.training's get_model wraps chunk by chunk) and Megatron-LM's train loop gets the DualPipeV
+    function; on one rank the V runs both chunks, and its losses equal megatron-core's no-pipelining run."""
+    import megatron.training.training as megatron_training
+    from megatron.core.pipeline_parallel import schedules
+
+    monkeypatch.setattr(megatron_training, "get_forward_backward_func", megatron_training.get_forward_backward_func)
+    monkeypatch.setattr(megatron_args, "pipeline_schedule", "dualpipev")
+    chunks = mlm.model_provider(pre_process=True, post_process=True)
+    assert isinstance(chunks, list) and [c.dsv3_stage for c in chunks] == [(0, 2), (1, 2)]
+    chunks.model_type = "set by get_model"  # megatron.training does this to whatever the provider returns
+    forward_backward = megatron_training.get_forward_backward_func(schedule_pg_collection=None)
+    cfg = get_preset("tiny")
+    torch.manual_seed(0)
+    data = [_batch(cfg) for _ in range(4)]
+    kwargs = dict(forward_step_func=mlm.forward_step, num_microbatches=4, seq_length=16, micro_batch_size=2,
+                  decoder_seq_length=16, forward_only=True)
+    dual = forward_backward(data_iterator=iter(data), model=list(chunks), **kwargs)
+    reference = m.build_model(cfg, backend="local")
+    init_layout_independent(reference, megatron_args.seed)
+    plain = schedules.forward_backward_no_pipelining(data_iterator=iter(data), model=[reference], **kwargs)
+    assert len(dual) == 4
+    for got, want in zip(dual, plain):
+        assert torch.allclose(got["lm loss"], want["lm loss"], rtol=1e-6)

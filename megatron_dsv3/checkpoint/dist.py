@@ -66,28 +66,13 @@ def _model_key(i: int, n: int) -> str:
     return "model" if n == 1 else f"model{i}"
 
 
-def _as_replicas(sharded: dict) -> dict:
-    """Mark every entry a non-primary replica: a DualPipe mirror copy loads its stage but never writes it."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-
-    for entry in nested_values(sharded):
-        if hasattr(entry, "replica_id"):
-            rid = entry.replica_id
-            entry.replica_id = (1, *rid[1:]) if isinstance(rid, tuple) else rid + 1
-    return sharded
-
-
 def _sharded_state(model_chunks, optimizer, is_loading: bool) -> dict:
     """Model chunks (and optimizer state) as megatron-core ShardedTensors, keyed like Megatron-LM.
 
-    Checkpoint keys are global layer names, so the file does not depend on the layout or the schedule;
-    chunks that hold copies (`dsv3_mirror`) contribute replicas only."""
+    Checkpoint keys are global layer names, so the file does not depend on the layout or the schedule."""
     state = {}
     for i, chunk in enumerate(model_chunks):
-        model = _unwrap(chunk)
-        sharded = model.sharded_state_dict()
-        state[_model_key(i, len(model_chunks))] = _as_replicas(sharded) if getattr(model, "dsv3_mirror", False) \
-            else sharded
+        state[_model_key(i, len(model_chunks))] = _unwrap(chunk).sharded_state_dict()
     if optimizer is not None:
         # Two chunks may hold copies with one checkpoint key (a tied embedding, a mirror stage): keep both
         # entries so every optimizer parameter finds its sharded tensor.

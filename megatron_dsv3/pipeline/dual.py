@@ -6,7 +6,8 @@ scalers go through megatron-core's own `forward_step_calc_loss` and `backward_st
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from functools import partial
 
 import torch
@@ -17,7 +18,8 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.utils import get_attr_wrapped_model, get_model_config, unwrap_model
 
 from megatron_dsv3.pipeline.executor import Executor
-from megatron_dsv3.pipeline.placement import StageGroup, mirror_partner, mirror_state, tie_embedding_grads
+from megatron_dsv3.pipeline.placement import (StageGroup, chunks_communicate_apart, mirror_partner, mirror_state,
+                                              tie_embedding_grads)
 from megatron_dsv3.pipeline.schedule import build
 
 
@@ -26,11 +28,20 @@ SCHEDULES = ("1f1b", *DUAL_SCHEDULES)
 
 
 class ModelWork:
-    """Stage work on megatron-core model chunks: forward with the micro-batch's data, backward via autograd."""
+    """Stage work on megatron-core model chunks: forward with the micro-batch's data, backward via autograd.
 
-    def __init__(self, chunks, batches, forward_step_func, config, num_microbatches, forward_only):
+    With `overlap`, an F&B pair runs its forward on a helper thread while this thread runs the backward. The
+    two chunks talk on separate communicators (`placement.build_chunks`), so while one half waits in a
+    dispatch or combine all-to-all (gloo and NCCL release the GIL there) the other half computes its
+    attention or experts: the layer's own attention -> dispatch -> MLP -> combine order gives the split."""
+
+    def __init__(self, chunks, batches, forward_step_func, config, num_microbatches, forward_only,
+                 overlap: bool = False):
         self.chunks, self.batches, self.forward_step_func = chunks, batches, forward_step_func
         self.config, self.num_microbatches, self.forward_only = config, num_microbatches, forward_only
+        self.overlap = overlap and not forward_only and chunks_communicate_apart(chunks)
+        self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dualpipe-forward") \
+            if self.overlap else None
         self.saved: dict[tuple[int, int], tuple] = {}
         self.losses: dict[int, dict] = {}
         self.num_tokens = torch.zeros([], dtype=torch.int)
@@ -60,6 +71,21 @@ class ModelWork:
             return None
         inputs, output = self.saved.pop((chunk, mb))
         return backward_step(inputs, output, grad, self.config)
+
+    def pair(self, forward_args, backward_args):
+        """An F&B pair of two different chunks: forward on the helper thread, backward here."""
+        if not self.overlap or forward_args[0] == backward_args[0]:
+            return self.forward(*forward_args), self.backward(*backward_args)
+        pending = self._helper.submit(self.forward, *forward_args)
+        try:
+            grad = self.backward(*backward_args)
+        finally:
+            out = pending.result()
+        return out, grad
+
+    def close(self) -> None:
+        if self._helper is not None:
+            self._helper.shutdown()
 
     def weight(self, chunk, mb, stage):
         """Weight gradients are produced inside `backward` (autograd fuses them); nothing is left to do."""
@@ -103,6 +129,29 @@ def _sum_mirror_state(chunks, partner: int) -> None:
                 offset += t.numel()
 
 
+@contextmanager
+def _no_sync(no_sync_func):
+    """megatron-core's `no_sync_func`: one context, or (Megatron-LM with several chunks) a list of them."""
+    funcs = [] if no_sync_func is None else no_sync_func if isinstance(no_sync_func, list) else [no_sync_func]
+    with ExitStack() as stack:
+        for func in funcs:
+            stack.enter_context(func())
+        yield
+
+
+def _losses_on_last_rank(losses: dict[int, dict]) -> list[dict]:
+    """Every micro-batch's loss report, in order, on the last pipeline rank (an empty list elsewhere), which is
+    where megatron-core's schedules leave them and where Megatron-LM's logging reads them."""
+    group = parallel_state.get_pipeline_model_parallel_group()
+    last = dist.get_global_rank(group, group.size() - 1)
+    parts = [None] * group.size() if dist.get_rank() == last else None
+    dist.gather_object(losses, parts, dst=last, group=group)
+    if parts is None:
+        return []
+    merged = {mb: report for part in parts for mb, report in part.items()}
+    return [merged[mb] for mb in sorted(merged)]
+
+
 def _finalize_groups() -> ProcessGroupCollection:
     """megatron-core's groups, with embedding groups of one rank: the dual placement ties embeddings locally."""
     pg = ProcessGroupCollection.use_mpu_process_groups()
@@ -120,10 +169,12 @@ def _pipeline_total_tokens(num_tokens: torch.Tensor) -> torch.Tensor:
 
 def forward_backward_dual(*, forward_step_func, data_iterator, model, num_microbatches, seq_length,
                           micro_batch_size, decoder_seq_length=None, forward_only=False,
-                          collect_non_loss_data=False, first_val_step=None, schedule="dualpipe", **_):
-    """megatron-core-style forward/backward over `num_microbatches` with DualPipe or DualPipeV.
+                          collect_non_loss_data=False, first_val_step=None, schedule="dualpipe", overlap=True,
+                          **_):
+    """megatron-core-style forward/backward over `num_microbatches` with DualPipe or DualPipeV; `overlap`
+    runs each F&B pair's halves concurrently when the chunks communicate apart (see `ModelWork`).
 
-    Returns the loss reports of the micro-batches whose last stage is on this rank, in micro-batch order.
+    Returns every micro-batch's loss report on the last pipeline rank and [] elsewhere, as megatron-core does.
     """
     if collect_non_loss_data:
         raise ValueError("collect_non_loss_data: not supported by the DualPipe schedules")
@@ -134,18 +185,21 @@ def forward_backward_dual(*, forward_step_func, data_iterator, model, num_microb
     rank = parallel_state.get_pipeline_model_parallel_rank()
     ranks = parallel_state.get_pipeline_model_parallel_world_size()
     plan = build(schedule, ranks, num_microbatches)
-    batches = [next(data_iterator) for _ in range(num_microbatches)]
+    # Ranks that hold neither end of a path get no data in Megatron-LM (data_iterator None): None batches.
+    batches = [next(data_iterator) if data_iterator is not None else None for _ in range(num_microbatches)]
     group = parallel_state.get_pipeline_model_parallel_group()
     tp = parallel_state.get_tensor_model_parallel_world_size() if config.sequence_parallel else 1
     shape = (seq_length // tp, micro_batch_size, config.hidden_size)  # activations between stages: [s, b, h]
-    work = ModelWork(chunks, batches, forward_step_func, config, num_microbatches, forward_only)
+    work = ModelWork(chunks, batches, forward_step_func, config, num_microbatches, forward_only, overlap=overlap)
     executor = Executor(plan, rank, work, ranks=[dist.get_global_rank(group, r) for r in range(ranks)],
                         shape=shape, dtype=config.pipeline_dtype or torch.float32, group=group,
                         forward_only=forward_only)
     _set_aux_loss_scales(config, num_microbatches)
-    no_sync = config.no_sync_func if config.no_sync_func is not None and not forward_only else nullcontext
-    with no_sync():
-        executor.run()
+    with _no_sync(config.no_sync_func if not forward_only else None):
+        try:
+            executor.run()
+        finally:
+            work.close()
     if not forward_only:
         partner = mirror_partner(schedule)
         if partner is not None:
@@ -154,7 +208,7 @@ def forward_backward_dual(*, forward_step_func, data_iterator, model, num_microb
         if config.finalize_model_grads_func is not None:
             num_tokens = _pipeline_total_tokens(work.num_tokens) if config.calculate_per_token_loss else None
             config.finalize_model_grads_func(chunks, num_tokens, pg_collection=_finalize_groups())
-    return [work.losses[mb] for mb in sorted(work.losses)]
+    return _losses_on_last_rank(work.losses)
 
 
 def get_forward_backward_func(schedule: str):

@@ -24,6 +24,9 @@ class StageWork(Protocol):
 
     def weight(self, chunk: int, mb: int, stage: int) -> None: ...
 
+    # Optional: `pair(forward_args, backward_args) -> (output, input_grad)` runs an F&B pair's two halves,
+    # e.g. concurrently; without it the executor runs forward then backward.
+
 
 class Executor:
     """Runs `plan.ops[rank]`; `ranks` maps pipeline rank -> global rank; `shape` is the activation shape."""
@@ -52,21 +55,41 @@ class Executor:
         dist.recv(buf, self.global_ranks[from_rank], group=self.group, tag=self._tag(kind, mb, stage))
         return buf
 
-    def _forward(self, chunk: int, mb: int) -> list[tuple]:
-        """Run a forward; returns the send it owes the next stage (if any)."""
+    def _receive(self, kind: str, chunk: int, mb: int) -> tuple[int, Optional[torch.Tensor]]:
+        """(stage index on the path, what the neighbour sent): activations for F, gradients for B."""
         path = self.plan.paths[mb]
         stage = path.index((self.rank, chunk))
-        inputs = self._recv(path[stage - 1][0], "F", mb, stage) if stage > 0 else None
-        out = self.work.forward(chunk, mb, stage, inputs)
-        return [(out, path[stage + 1][0], "F", mb, stage + 1)] if stage < len(path) - 1 else []
+        if kind == "F":
+            return stage, self._recv(path[stage - 1][0], "F", mb, stage) if stage > 0 else None
+        return stage, self._recv(path[stage + 1][0], "B", mb, stage) if stage < len(path) - 1 else None
+
+    def _owed(self, kind: str, mb: int, stage: int, tensor) -> list[tuple]:
+        """The send a finished F (to the next stage) or B (to the previous stage) owes, if any."""
+        path = self.plan.paths[mb]
+        if kind == "F":
+            return [(tensor, path[stage + 1][0], "F", mb, stage + 1)] if stage < len(path) - 1 else []
+        return [(tensor, path[stage - 1][0], "B", mb, stage - 1)] if stage > 0 else []
+
+    def _forward(self, chunk: int, mb: int) -> list[tuple]:
+        stage, inputs = self._receive("F", chunk, mb)
+        return self._owed("F", mb, stage, self.work.forward(chunk, mb, stage, inputs))
 
     def _backward(self, chunk: int, mb: int, split: bool) -> list[tuple]:
-        """Run a backward; returns the gradient send it owes the previous stage (if any)."""
-        path = self.plan.paths[mb]
-        stage = path.index((self.rank, chunk))
-        grad = self._recv(path[stage + 1][0], "B", mb, stage) if stage < len(path) - 1 else None
-        grad_in = self.work.backward(chunk, mb, stage, grad, split)
-        return [(grad_in, path[stage - 1][0], "B", mb, stage - 1)] if stage > 0 else []
+        stage, grad = self._receive("B", chunk, mb)
+        return self._owed("B", mb, stage, self.work.backward(chunk, mb, stage, grad, split))
+
+    def _pair(self, op: Op) -> list[tuple]:
+        """An overlapped F&B pair: both inputs received first, the work may run the halves concurrently
+        (`StageWork.pair`), both results delivered when the pair ends, as the schedule assumes."""
+        f_stage, inputs = self._receive("F", op.chunk, op.mb)
+        b_stage, grad = self._receive("B", op.chunk2, op.mb2)
+        forward = (op.chunk, op.mb, f_stage, inputs)
+        backward = (op.chunk2, op.mb2, b_stage, grad, False)
+        if hasattr(self.work, "pair"):
+            out, grad_in = self.work.pair(forward, backward)
+        else:
+            out, grad_in = self.work.forward(*forward), self.work.backward(*backward)
+        return self._owed("F", op.mb, f_stage, out) + self._owed("B", op.mb2, b_stage, grad_in)
 
     def run(self) -> None:
         """Execute every op of this rank, then wait for the outstanding sends."""
@@ -87,7 +110,7 @@ class Executor:
         elif op.kind == "W":
             self.work.weight(op.chunk, op.mb, self.plan.stage_of(op.mb, self.rank, op.chunk))
             sends = []
-        else:  # FB: an overlapped pair delivers both results when the pair ends, as the schedule assumes
-            sends = self._forward(op.chunk, op.mb) + self._backward(op.chunk2, op.mb2, split=False)
+        else:
+            sends = self._pair(op)
         for send in sends:
             self._send(*send)

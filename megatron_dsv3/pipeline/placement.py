@@ -9,9 +9,12 @@ embedding all-reduce; each chunk keeps its own parameters, so each can be wrappe
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from types import MethodType
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.utils import unwrap_model
@@ -44,10 +47,49 @@ def chunk_stages(schedule: str, rank: int, ranks: int) -> tuple[tuple[int, int],
     raise ValueError(f"--pipeline-schedule: {schedule!r} does not place two chunks per rank")
 
 
-def build_stage(cfg: DSV3Config, stage: int, stages: int, *, seed: int, backend=None, **mcore_overrides):
-    """A GPTModel holding layers of `stage` out of `stages`, initialised from (seed, global tensor names)."""
+# The groups a layer's forward and backward communicate on: attention/linear TP, the MoE dispatcher's token
+# all-gather (tp_ep) and dispatch/combine all-to-all (ep), expert TP, the router's token gather (tp_cp).
+LAYER_GROUPS = ("tp", "cp", "tp_cp", "ep", "tp_ep", "expt_tp")
+
+
+def _clone_layer_groups(pg: ProcessGroupCollection) -> ProcessGroupCollection:
+    """A copy of `pg` whose multi-rank layer groups are new communicators over the same ranks (collective).
+
+    Chunk 1 talks on these, chunk 0 on megatron-core's own: an overlapped F&B pair runs one chunk's forward
+    and the other's backward at once, and collectives on separate communicators cannot interleave wrongly."""
+    clone = copy.copy(pg)
+    for name in LAYER_GROUPS:
+        group = getattr(pg, name, None)
+        if group is None or group.size() == 1:
+            continue
+        members = [None] * dist.get_world_size()
+        dist.all_gather_object(members, dist.get_process_group_ranks(group))
+        every = sorted({tuple(m) for m in members})
+        mine, _ = dist.new_subgroups_by_enumeration([list(m) for m in every])
+        setattr(clone, name, mine)
+    return clone
+
+
+def chunks_communicate_apart(chunks) -> bool:
+    """True when the two chunks' layers share no multi-rank communicator, so their work may run concurrently."""
+    pgs = [getattr(unwrap_model(c), "pg_collection", None) for c in chunks]
+    if any(pg is None for pg in pgs):
+        return False
+    for name in LAYER_GROUPS:
+        a, b = (getattr(pg, name, None) for pg in pgs)
+        if a is not None and a is b and a.size() > 1:
+            return False
+    return True
+
+
+def build_stage(cfg: DSV3Config, stage: int, stages: int, *, seed: int, backend=None, own_groups: bool = False,
+                **mcore_overrides):
+    """A GPTModel holding layers of `stage` out of `stages`, initialised from (seed, global tensor names);
+    with `own_groups` its layers communicate on their own clones of the layer groups."""
     staged = cfg.replace(pipeline_model_parallel_size=stages)
     pg = ProcessGroupCollection.use_mpu_process_groups()
+    if own_groups:
+        pg = _clone_layer_groups(pg)
     pg.pp = StageGroup(stage, stages)
     pg.embd = None  # no cross-stage embedding sync: the dual placement ties the copies on one rank
     saved = (parallel_state._MPU_PIPELINE_MODEL_PARALLEL_RANK, parallel_state._MPU_PIPELINE_MODEL_PARALLEL_WORLD_SIZE)
@@ -66,16 +108,29 @@ def build_stage(cfg: DSV3Config, stage: int, stages: int, *, seed: int, backend=
 
 def build_chunks(cfg: DSV3Config, schedule: str, *, seed: int, backend=None, **mcore_overrides) -> list:
     """This rank's two chunks. DualPipe's mirror copies are marked `shared`, so the gradient norm counts
-    every stage once (megatron-core's `param_is_not_shared`), and `dsv3_mirror`, so checkpoints store it once."""
+    every stage once (megatron-core's `param_is_not_shared`), and checkpoint as replicas, stored once."""
     rank = parallel_state.get_pipeline_model_parallel_rank()
     ranks = parallel_state.get_pipeline_model_parallel_world_size()
-    chunks = [build_stage(cfg, s, n, seed=seed, backend=backend, **mcore_overrides)
-              for s, n in chunk_stages(schedule, rank, ranks)]
+    chunks = [build_stage(cfg, s, n, seed=seed, backend=backend, own_groups=c == 1, **mcore_overrides)
+              for c, (s, n) in enumerate(chunk_stages(schedule, rank, ranks))]
     if schedule == "dualpipe":
-        chunks[1].dsv3_mirror = True  # checkpoints: a replica of the partner's chunk 0
-        for p in chunks[1].parameters():
+        mirror = chunks[1]
+        mirror.sharded_state_dict = MethodType(_replica_sharded_state_dict, mirror)
+        for p in mirror.parameters():
             p.shared = True
     return chunks
+
+
+def _replica_sharded_state_dict(model, *args, **kwargs):
+    """A DualPipe mirror copy in checkpoints: the partner's chunk 0 writes the stage; the copy loads it only."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    sharded = type(model).sharded_state_dict(model, *args, **kwargs)
+    for entry in nested_values(sharded):
+        if hasattr(entry, "replica_id"):
+            rid = entry.replica_id
+            entry.replica_id = (1, *rid[1:]) if isinstance(rid, tuple) else rid + 1
+    return sharded
 
 
 def _grad(p: torch.nn.Parameter) -> torch.Tensor:

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from contextlib import ExitStack, contextmanager
-from functools import partial
 from typing import Optional
 
 import torch
@@ -12,6 +10,7 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.module import Float16Module
 from tqdm import tqdm
 
 from megatron_dsv3 import runtime
@@ -59,15 +58,6 @@ def make_tokenizer(args):
                      "or HuggingFaceTokenizer")
 
 
-@contextmanager
-def _no_sync_all(model_chunks):
-    """DDP's no_sync on every chunk at once (the DualPipe schedules run two chunks per rank)."""
-    with ExitStack() as stack:
-        for chunk in model_chunks:
-            stack.enter_context(chunk.no_sync())
-        yield
-
-
 class Trainer:
     """Builds everything once, then `train()` runs the steps; rank 0 logs and reports."""
 
@@ -81,15 +71,21 @@ class Trainer:
         runtime.initialize(tp=cfg.tensor_model_parallel_size, pp=cfg.pipeline_model_parallel_size,
                            ep=cfg.expert_model_parallel_size, seed=settings.seed)
         self.rank = torch.distributed.get_rank()
+        bf16 = bool(getattr(args, "bf16", False))
+        precision = {"bf16": True, "params_dtype": torch.bfloat16} if bf16 else {}
+        chunks = self._build_chunks({**(model_kwargs or {"backend": args.dsv3_backend}), **precision})
+        if bf16:  # Megatron-LM's --bf16: BF16 weights and compute, FP32 main weights in the optimizer
+            chunks = [Float16Module(chunk.config, chunk) for chunk in chunks]
         self.model_chunks = [
             DistributedDataParallel(chunk.config, DistributedDataParallelConfig(
                 grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False), chunk)
-            for chunk in self._build_chunks(model_kwargs or {"backend": args.dsv3_backend})]
+            for chunk in chunks]
         self.forward_backward = get_forward_backward_func(settings.pipeline_schedule)
         self.optimizer = get_megatron_optimizer(OptimizerConfig(
             optimizer="adam", lr=settings.lr, min_lr=settings.min_lr, weight_decay=settings.weight_decay,
             adam_beta1=settings.adam_beta1, adam_beta2=settings.adam_beta2, clip_grad=settings.clip_grad,
-            bf16=False, fp16=False, params_dtype=torch.float32, use_distributed_optimizer=False), self.model_chunks)
+            bf16=bf16, fp16=False, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+            use_distributed_optimizer=False), self.model_chunks)
         gbs, iters = settings.global_batch_size, settings.train_iters
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0 if settings.lr_warmup_iters else settings.lr, max_lr=settings.lr,
@@ -99,7 +95,8 @@ class Trainer:
         self.loads = LoadCapture(self.model_chunks)
         for chunk in self.model_chunks:  # each chunk has its own config object; the schedules read chunk 0's
             chunk.config.finalize_model_grads_func = self.loads
-            chunk.config.no_sync_func = partial(_no_sync_all, self.model_chunks)
+            chunk.config.no_sync_func = [c.no_sync for c in self.model_chunks] if len(self.model_chunks) > 1 \
+                else self.model_chunks[0].no_sync  # as Megatron-LM sets it
             chunk.config.grad_scale_func = self.optimizer.scale_loss
         self.mcore_config = self.model_chunks[0].config
         self.iteration, self.consumed_samples, self.checkpoint = 0, 0, None
