@@ -78,3 +78,38 @@ def test_overlapped_pairs_run_both_halves_at_once_and_change_no_number(tmp_path)
                     assert shared > 0.5 * shorter, (fwd, bwd)
                 else:
                     assert fwd[4] == bwd[4] == "MainThread" and shared <= 0
+
+
+def test_split_backward_defers_linear_weight_grads_and_w_restores_them_bitwise(runtime):
+    """B with `split` leaves every megatron-core linear's weight gradient for W; after W all gradients equal
+    an ordinary backward's bit for bit (megatron-core's own formulas)."""
+    from megatron_dsv3.pipeline.wgrad import deferred_weight_grads, enable_wgrad_deferral, run_all
+
+    cfg = m.presets.get_preset("tiny")
+    batch = batches(cfg, 1, seq=16)[0]
+
+    def loss_of(model):
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                       loss_mask=batch["loss_mask"])
+        return output.float().sum()
+
+    reference, deferred = m.build_model(cfg), m.build_model(cfg)
+    for model in (reference, deferred):
+        init_layout_independent(model, 7)
+    loss_of(reference).backward()
+    linears = enable_wgrad_deferral(deferred)
+    assert linears >= 10  # MLA projections, MLPs, shared and routed experts, MTP projection, output head
+    with deferred_weight_grads() as pending:
+        loss_of(deferred).backward()
+    assert len(pending) >= linears - 1  # every linear used by this batch (a routed expert may get no token)
+    names = {n for n, _ in deferred.named_parameters()}
+    waiting = {n for n, p in deferred.named_parameters() if p.grad is None and n.endswith("weight")}
+    assert any("linear_fc1" in n for n in waiting) and any("linear_q" in n for n in waiting)
+    assert not any("layernorm" in n or n.endswith("norm.weight") for n in waiting)  # norms are not deferred
+    run_all(pending)
+    ref = dict(reference.named_parameters())
+    for name in names:
+        got, want = dict(deferred.named_parameters())[name].grad, ref[name].grad
+        assert (got is None) == (want is None), name
+        if want is not None:
+            assert torch.equal(got, want), name

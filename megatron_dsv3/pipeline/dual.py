@@ -21,6 +21,7 @@ from megatron_dsv3.pipeline.executor import Executor
 from megatron_dsv3.pipeline.placement import (StageGroup, chunks_communicate_apart, mirror_partner, mirror_state,
                                               tie_embedding_grads)
 from megatron_dsv3.pipeline.schedule import build
+from megatron_dsv3.pipeline.wgrad import deferred_weight_grads, run_all
 
 
 DUAL_SCHEDULES = ("dualpipe", "dualpipev")
@@ -46,6 +47,7 @@ class ModelWork:
         self.losses: dict[int, dict] = {}
         self.num_tokens = torch.zeros([], dtype=torch.int)
         self.is_loss_stage = [unwrap_model(c).post_process for c in chunks]
+        self.pending_weight_grads: dict[tuple[int, int], list] = {}
 
     def forward(self, chunk, mb, stage, inputs):
         model = self.chunks[chunk]
@@ -70,7 +72,12 @@ class ModelWork:
         if self.forward_only:
             return None
         inputs, output = self.saved.pop((chunk, mb))
-        return backward_step(inputs, output, grad, self.config)
+        if not split:
+            return backward_step(inputs, output, grad, self.config)
+        with deferred_weight_grads() as pending:  # B now, the linears' weight gradients at this W op
+            grad_in = backward_step(inputs, output, grad, self.config)
+        self.pending_weight_grads[(chunk, mb)] = pending
+        return grad_in
 
     def pair(self, forward_args, backward_args):
         """An F&B pair of two different chunks: forward on the helper thread, backward here."""
@@ -88,7 +95,8 @@ class ModelWork:
             self._helper.shutdown()
 
     def weight(self, chunk, mb, stage):
-        """Weight gradients are produced inside `backward` (autograd fuses them); nothing is left to do."""
+        """The W op: the weight gradients a split backward deferred (`pipeline.wgrad`)."""
+        run_all(self.pending_weight_grads.pop((chunk, mb), []))
 
 
 def _set_aux_loss_scales(config, num_microbatches: int) -> None:

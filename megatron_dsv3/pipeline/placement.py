@@ -21,6 +21,7 @@ from megatron.core.utils import unwrap_model
 
 from megatron_dsv3.config import DSV3Config
 from megatron_dsv3.model.builder import build_model
+from megatron_dsv3.pipeline.wgrad import enable_wgrad_deferral
 from megatron_dsv3.training.init import init_layout_independent
 
 
@@ -103,6 +104,7 @@ def build_stage(cfg: DSV3Config, stage: int, stages: int, *, seed: int, backend=
         parallel_state.set_pipeline_model_parallel_rank(saved[0])
         parallel_state.set_pipeline_model_parallel_world_size(saved[1])
     model.dsv3_stage = (stage, stages)
+    enable_wgrad_deferral(model)
     return model
 
 
