@@ -135,6 +135,18 @@ def _cuda_literals_on_cpu(fn):
     return wrapped
 
 
+class _FusedWgradAccumulationOnCPU:
+    """fused_weight_gradient_mlp_cuda's two kernels: main_grad += dY^T X, products and sums in FP32."""
+
+    @staticmethod
+    def wgrad_gemm_accum_fp32(total_input, grad_output, main_grad):
+        main_grad.addmm_(grad_output.t().float(), total_input.float())
+
+    @staticmethod
+    def wgrad_gemm_accum_fp16(total_input, grad_output, main_grad):
+        main_grad.add_(grad_output.t().float().matmul(total_input.float()).to(main_grad.dtype))
+
+
 def _split_sizes_as_lists(all_to_all):
     """gloo's all_to_all_single accepts split sizes only as Python lists of ints."""
 
@@ -156,6 +168,7 @@ def apply_cpu_patches() -> None:
     from megatron.core.optimizer import clip_grads
     from megatron.core.optimizer import optimizer as mcore_optimizer
     from megatron.core.pipeline_parallel import schedules
+    from megatron.core.tensor_parallel import layers as tp_layers
     from megatron.core.tensor_parallel import random as mcore_random
     from megatron.core.transformer.moe import token_dispatcher
 
@@ -207,6 +220,13 @@ def apply_cpu_patches() -> None:
     for name in ("forward_backward_no_pipelining", "forward_backward_pipelining_without_interleaving",
                  "forward_backward_pipelining_with_interleaving"):
         setattr(schedules, name, _cuda_literals_on_cpu(getattr(schedules, name)))
+
+    # tensor_parallel/layers.py imports the CUDA extension fused_weight_gradient_mlp_cuda for
+    # gradient_accumulation_fusion (weight gradients accumulated into FP32 main_grad inside the GEMM, as BF16
+    # training on GPUs does) and refuses the option without it: a CPU stand-in with the same arithmetic.
+    if not tp_layers._grad_accum_fusion_available:
+        tp_layers.fused_weight_gradient_mlp_cuda = _FusedWgradAccumulationOnCPU
+        tp_layers._grad_accum_fusion_available = True
 
     # tensor_parallel/random.py initialize_rng_tracker picks `CudaRNGStatesTracker` as the base tracker class;
     # model_parallel_cuda_manual_seed then calls its add(), which needs CUDA RNG states.

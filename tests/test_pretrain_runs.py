@@ -77,3 +77,12 @@ def test_dualpipe_checkpoint_resumes_under_1f1b(one_f_one_b_4_ranks, tmp_path):
     assert saved["steps"] == 3 and resumed["steps"] == 5
     for ref, got in zip(one_f_one_b_4_ranks[3:], resumed["lm_losses"]):
         assert got == pytest.approx(ref, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_bf16_trains_close_to_fp32_from_the_same_start(one_rank_curve):
+    """`--bf16`: BF16 weights and compute with FP32 main weights; same initial model, so step 1 differs from
+    FP32 only by BF16 rounding, and the curve keeps falling."""
+    bf16 = pretrain("--train-iters", "5", "--bf16")["lm_losses"]
+    assert bf16[0] == pytest.approx(one_rank_curve[0], rel=1e-2) and bf16[0] != one_rank_curve[0]
+    assert bf16[-1] < bf16[0] - 0.3

@@ -45,3 +45,21 @@ def test_sequence_balance_loss_is_tracked(runtime):
     assert "seq_load_balancing_loss" in tracker
     values = tracker["seq_load_balancing_loss"]["values"]
     assert (values[cfg.first_k_dense_replace:cfg.num_hidden_layers] > 0).all()
+
+
+def test_cpu_fused_weight_gradient_accumulation_is_fp32_exact():
+    """The CPU stand-in for megatron-core's fused_weight_gradient_mlp_cuda: main_grad += dY^T X with BF16
+    operands multiplied and summed in FP32 (not rounded to BF16 first)."""
+    from megatron.core.tensor_parallel import layers
+
+    m.compat.apply_cpu_patches()
+    kernel = layers.fused_weight_gradient_mlp_cuda
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 48, generator=g).bfloat16()
+    dy = torch.randn(64, 32, generator=g).bfloat16()
+    main_grad = torch.randn(32, 48, generator=g)
+    expected = main_grad.double() + dy.double().t() @ x.double()
+    kernel.wgrad_gemm_accum_fp32(x, dy, main_grad)
+    assert (main_grad.double() - expected).abs().max() < 1e-5
+    exact = dy.double().t() @ x.double()
+    assert ((dy.t() @ x).double() - exact).abs().max() > 1e-3  # a BF16-output GEMM would round this much

@@ -13,7 +13,8 @@ from functools import partial
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.pipeline_parallel.schedules import backward_step, forward_step_calc_loss
+from megatron.core.pipeline_parallel.schedules import (backward_step, deallocate_output_tensor,
+                                                       forward_step_calc_loss)
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.utils import get_attr_wrapped_model, get_model_config, unwrap_model
 
@@ -78,6 +79,11 @@ class ModelWork:
             grad_in = backward_step(inputs, output, grad, self.config)
         self.pending_weight_grads[(chunk, mb)] = pending
         return grad_in
+
+    def sent(self, chunk, mb):
+        """megatron-core's output deallocation: once sent, only the output's grad_fn is needed for backward."""
+        if (chunk, mb) in self.saved:
+            deallocate_output_tensor(self.saved[(chunk, mb)][1], self.config.deallocate_pipeline_outputs)
 
     def pair(self, forward_args, backward_args):
         """An F&B pair of two different chunks: forward on the helper thread, backward here."""
@@ -147,6 +153,16 @@ def _no_sync(no_sync_func):
         yield
 
 
+def _grad_sync(grad_sync_func, chunks) -> None:
+    """megatron-core's `grad_sync_func` (one, or one per chunk): start each chunk's data-parallel gradient
+    reduction, here once the mirror and tied-embedding sums have made the gradients final."""
+    if grad_sync_func is None:
+        return
+    funcs = grad_sync_func if isinstance(grad_sync_func, list) else [grad_sync_func] * len(chunks)
+    for func, chunk in zip(funcs, chunks):
+        func(chunk.parameters())
+
+
 def _losses_on_last_rank(losses: dict[int, dict]) -> list[dict]:
     """Every micro-batch's loss report, in order, on the last pipeline rank (an empty list elsewhere), which is
     where megatron-core's schedules leave them and where Megatron-LM's logging reads them."""
@@ -213,6 +229,7 @@ def forward_backward_dual(*, forward_step_func, data_iterator, model, num_microb
         if partner is not None:
             _sum_mirror_state(chunks, partner)
         tie_embedding_grads(chunks)
+        _grad_sync(config.grad_sync_func, chunks)
         if config.finalize_model_grads_func is not None:
             num_tokens = _pipeline_total_tokens(work.num_tokens) if config.calculate_per_token_loss else None
             config.finalize_model_grads_func(chunks, num_tokens, pg_collection=_finalize_groups())

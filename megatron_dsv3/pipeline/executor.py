@@ -25,7 +25,8 @@ class StageWork(Protocol):
     def weight(self, chunk: int, mb: int, stage: int) -> None: ...
 
     # Optional: `pair(forward_args, backward_args) -> (output, input_grad)` runs an F&B pair's two halves,
-    # e.g. concurrently; without it the executor runs forward then backward.
+    # e.g. concurrently; without it the executor runs forward then backward. `sent(chunk, mb)` is told when
+    # a forward output has been handed to the next stage (it may free the output's data).
 
 
 class Executor:
@@ -43,10 +44,12 @@ class Executor:
     def _send(self, tensor: torch.Tensor, to_rank: int, kind: str, mb: int, stage: int) -> None:
         if to_rank == self.rank:
             self._local[(kind, mb, stage)] = tensor.detach().clone()
-            return
-        work = dist.isend(tensor.detach().contiguous(), self.global_ranks[to_rank], group=self.group,
-                          tag=self._tag(kind, mb, stage))
-        self._sends.append(work)
+        else:
+            work = dist.isend(tensor.detach().contiguous(), self.global_ranks[to_rank], group=self.group,
+                              tag=self._tag(kind, mb, stage))
+            self._sends.append(work)
+        if kind == "F" and hasattr(self.work, "sent"):  # the sender's output now lives on in the message
+            self.work.sent(self.plan.paths[mb][stage - 1][1], mb)
 
     def _recv(self, from_rank: int, kind: str, mb: int, stage: int) -> torch.Tensor:
         if from_rank == self.rank:

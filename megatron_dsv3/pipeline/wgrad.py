@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from typing import Callable, Optional
 
 import torch
+from megatron.core.tensor_parallel import layers as tp_layers
 from megatron.core.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
                                                   linear_with_frozen_weight,
                                                   linear_with_grad_accumulation_and_async_allreduce)
@@ -39,8 +40,15 @@ def deferred_weight_grads():
         _queue.pending = saved
 
 
-def _accumulate(weight: torch.Tensor, grad_output: torch.Tensor, inputs: torch.Tensor) -> None:
-    """dW = dY^T X into megatron-core DDP's main_grad when present, else into .grad (as autograd would)."""
+def _accumulate(weight: torch.Tensor, grad_output: torch.Tensor, inputs: torch.Tensor, fused: bool) -> None:
+    """dW = dY^T X: with gradient-accumulation fusion through megatron-core's fused kernel into main_grad,
+    otherwise computed in the operands' dtype and added to main_grad (DDP) or .grad, as autograd would."""
+    if fused:
+        kernel = tp_layers.fused_weight_gradient_mlp_cuda
+        accumulate = kernel.wgrad_gemm_accum_fp32 if weight.main_grad.dtype == torch.float32 \
+            else kernel.wgrad_gemm_accum_fp16
+        accumulate(inputs, grad_output, weight.main_grad)
+        return
     grad = grad_output.t().matmul(inputs)
     if hasattr(weight, "main_grad"):
         weight.main_grad.add_(grad)
@@ -54,9 +62,9 @@ class _DeferrableLinear(torch.autograd.Function):
     """Y = X W^T (+ b) with megatron-core's forward and backward formulas and an optional deferred dW."""
 
     @staticmethod
-    def forward(ctx, inputs, weight, bias):
+    def forward(ctx, inputs, weight, bias, fused):
         ctx.save_for_backward(inputs, weight)
-        ctx.use_bias = bias is not None
+        ctx.use_bias, ctx.fused = bias is not None, fused and hasattr(weight, "main_grad")
         output = torch.matmul(inputs, weight.t())
         return output + bias if bias is not None else output
 
@@ -67,11 +75,14 @@ class _DeferrableLinear(torch.autograd.Function):
         grad_output = grad_output.reshape(-1, grad_output.shape[-1])
         inputs = inputs.reshape(-1, inputs.shape[-1])
         grad_bias = grad_output.sum(dim=0) if ctx.use_bias else None
-        pending = _pending()
-        if pending is None:
-            return grad_input, grad_output.t().matmul(inputs), grad_bias
-        pending.append(lambda: _accumulate(weight, grad_output, inputs))
-        return grad_input, None, grad_bias
+        pending, fused = _pending(), ctx.fused
+        if pending is not None:
+            pending.append(lambda: _accumulate(weight, grad_output, inputs, fused))
+            return grad_input, None, grad_bias, None
+        if not fused:
+            return grad_input, grad_output.t().matmul(inputs), grad_bias, None
+        _accumulate(weight, grad_output, inputs, fused=True)
+        return grad_input, None, grad_bias, None
 
 
 def _deferrable_forward_impl(input, weight, *args, **kwargs):
@@ -81,7 +92,7 @@ def _deferrable_forward_impl(input, weight, *args, **kwargs):
         kwargs.get("grad_output_buffer") is not None or kwargs.get("gtp_remat_size", 1) > 1
     if args or communicates or not weight.requires_grad:
         return _MCORE_IMPL[weight.requires_grad](input, weight, *args, **kwargs)
-    return _DeferrableLinear.apply(input, weight, kwargs.get("bias"))
+    return _DeferrableLinear.apply(input, weight, kwargs.get("bias"), bool(kwargs.get("gradient_accumulation_fusion")))
 
 
 def enable_wgrad_deferral(model: torch.nn.Module) -> int:

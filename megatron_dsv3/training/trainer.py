@@ -72,7 +72,10 @@ class Trainer:
                            ep=cfg.expert_model_parallel_size, seed=settings.seed)
         self.rank = torch.distributed.get_rank()
         bf16 = bool(getattr(args, "bf16", False))
-        precision = {"bf16": True, "params_dtype": torch.bfloat16} if bf16 else {}
+        # BF16 as on GPUs: weight gradients accumulate into FP32 main_grad inside the GEMM (megatron-core's
+        # gradient-accumulation fusion), not rounded to BF16 first.
+        precision = {"bf16": True, "params_dtype": torch.bfloat16, "gradient_accumulation_fusion": True} \
+            if bf16 else {}
         chunks = self._build_chunks({**(model_kwargs or {"backend": args.dsv3_backend}), **precision})
         if bf16:  # Megatron-LM's --bf16: BF16 weights and compute, FP32 main weights in the optimizer
             chunks = [Float16Module(chunk.config, chunk) for chunk in chunks]

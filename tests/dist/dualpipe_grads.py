@@ -36,6 +36,8 @@ def main(out_dir: str, schedule: str, layers: int, microbatches: int, forward_on
     dp_rank, dp = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     cfg = m.presets.get_preset("tiny").replace(num_hidden_layers=layers, expert_model_parallel_size=ep)
     chunks = build_chunks(cfg, schedule, seed=7)
+    for chunk in chunks:  # as Megatron-LM runs: outputs freed once sent, backward through grad_fn alone
+        chunk.config.deallocate_pipeline_outputs = True
     data = batches(cfg, microbatches * dp, seq=16)[dp_rank * microbatches:(dp_rank + 1) * microbatches]
     losses = forward_backward_dual(forward_step_func=forward_step, data_iterator=iter(data), model=chunks,
                                    num_microbatches=microbatches, seq_length=16, micro_batch_size=2,
