@@ -1,7 +1,7 @@
 """FP8 numerics study (CPU): quantization error by scaling granularity, FP32 promotion in the GEMM, and the
 tiny model trained with emulated block-wise FP8 against the high-precision baseline and a no-scaling control.
 
-    OMP_NUM_THREADS=1 python benchmarks/fp8_numerics.py [--steps 300] [--lr 1e-3 --min-lr 1e-4]
+    OMP_NUM_THREADS=1 python benchmarks/fp8_numerics.py [--steps 300] [--lr 3e-4 --min-lr 1e-4]
                                                         [--plot docs/fp8_numerics.png]
 
 Prints one JSON line per section and a summary with ratios; writes the plot. All three runs use Megatron's
@@ -81,7 +81,7 @@ def _train(extra, steps, lr_flags):
     return summary
 
 
-def training(steps: int, lr: float = 1e-3, min_lr: float = 1e-4) -> dict:
+def training(steps: int, lr: float = 3e-4, min_lr: float = 1e-4) -> dict:
     lr_flags = ["--lr", str(lr), "--min-lr", str(min_lr)]
     with ThreadPoolExecutor(max_workers=3) as pool:
         runs = dict(zip(VARIANTS, pool.map(lambda e: _train(e, steps, lr_flags), VARIANTS.values())))
@@ -124,7 +124,7 @@ def plot(train: dict, path: str) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="FP8 numerics study")
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--min-lr", type=float, default=1e-4)
     p.add_argument("--plot", default=os.path.join(ROOT, "docs", "fp8_numerics.png"))
     p.add_argument("--json", default=None, help="also write all results (with per-step losses) here")

@@ -118,10 +118,13 @@ class Trainer:
     def _build_chunks(self, model_kwargs: dict) -> list:
         """This rank's model chunks: one for 1F1B, two (a stage and its mirror or V partner) for DualPipe(V)."""
         cfg, seed = self.cfg, self.settings.seed
+        # Megatron-LM's --calculate-per-token-loss: off, each micro-batch's loss is its token mean (divided by
+        # the micro-batch count); on, token sums, divided by the global token count when gradients are final.
+        per_token = bool(getattr(self.args, "calculate_per_token_loss", False))
+        model_kwargs = {**model_kwargs, "calculate_per_token_loss": per_token}
         if self.settings.pipeline_schedule in DUAL_SCHEDULES:
-            return build_chunks(cfg, self.settings.pipeline_schedule, seed=seed, calculate_per_token_loss=True,
-                                **model_kwargs)
-        model = build_model(cfg, calculate_per_token_loss=True, **model_kwargs)
+            return build_chunks(cfg, self.settings.pipeline_schedule, seed=seed, **model_kwargs)
+        model = build_model(cfg, **model_kwargs)
         init_layout_independent(model, seed)
         return [model]
 
