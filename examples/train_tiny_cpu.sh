@@ -8,17 +8,21 @@
 # overwritten. Any extra arguments are appended, e.g.
 #   examples/train_tiny_cpu.sh --train-iters 50
 #   NPROC=2 EP=2 examples/train_tiny_cpu.sh
+#   NPROC=4 PP=2 SCHEDULE=dualpipev examples/train_tiny_cpu.sh --micro-batch-size 2 --global-batch-size 16
+# (DualPipe/DualPipeV need at least 2 x PP micro-batches per data-parallel rank.)
 set -euo pipefail
 
 NPROC="${NPROC:-1}"   # processes on this machine (data-parallel ranks)
 EP="${EP:-1}"         # expert-parallel size; must divide NPROC
 TP="${TP:-1}"         # tensor-parallel size
 PP="${PP:-1}"         # pipeline-parallel size
+SCHEDULE="${SCHEDULE:-1f1b}"   # pipeline schedule: 1f1b, dualpipe or dualpipev
 RUN_DIR="${RUN_DIR:-runs/tiny-$(date +%Y%m%d-%H%M%S)}"
 
 ARGS=(
   --model-spec dsv3 --preset tiny
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" --expert-model-parallel-size "$EP"
+  --pipeline-schedule "$SCHEDULE"
   --seq-length 64 --micro-batch-size 8 --train-iters 300
   --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine --lr-warmup-iters 20
   --weight-decay 0.1 --adam-beta2 0.95
