@@ -15,6 +15,17 @@ def biased_routers(model_chunks: Iterable[torch.nn.Module]) -> list[torch.nn.Mod
 
 
 @torch.no_grad()
+def global_expert_loads(routers: list[torch.nn.Module]) -> torch.Tensor:
+    """Tokens per expert of each router this step [routers, experts], summed over the tensor x data parallel
+    ranks (a collective there): what the bias update sees, read before it resets the counters."""
+    loads = torch.stack([r.local_tokens_per_expert for r in routers]).clone()
+    if torch.distributed.is_initialized():
+        group = parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
+        torch.distributed.all_reduce(loads, group=group)
+    return loads
+
+
+@torch.no_grad()
 def update_expert_bias(model_chunks: Iterable[torch.nn.Module], update_rate: Optional[float] = None,
                        group: Optional[torch.distributed.ProcessGroup] = None) -> Optional[torch.Tensor]:
     """b_i += gamma * sign(mean load - load_i) for every biased router, then reset the token counters.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
-from functools import partial
+from functools import partial, reduce
 
 import torch
 import torch.distributed as dist
@@ -129,7 +129,8 @@ def _sum_mirror_state(chunks, partner: int) -> None:
     group = parallel_state.get_pipeline_model_parallel_group()
     peer = dist.get_global_rank(group, partner)
     mine = [mirror_state(chunks[0]), mirror_state(chunks[1])]
-    flat = [torch.cat([t.reshape(-1).to(torch.float64) for t in ts]) for ts in mine]
+    dtype = reduce(torch.promote_types, (t.dtype for ts in mine for t in ts))  # FP32 grads travel as FP32
+    flat = [torch.cat([t.reshape(-1).to(dtype) for t in ts]) for ts in mine]
     mirror_of = [torch.empty_like(flat[0]), torch.empty_like(flat[1])]
     ops = [dist.P2POp(dist.isend, flat[0], peer, tag=1), dist.P2POp(dist.isend, flat[1], peer, tag=2),
            dist.P2POp(dist.irecv, mirror_of[1], peer, tag=1), dist.P2POp(dist.irecv, mirror_of[0], peer, tag=2)]
@@ -143,23 +144,25 @@ def _sum_mirror_state(chunks, partner: int) -> None:
                 offset += t.numel()
 
 
+def _as_list(hook) -> list:
+    """megatron-core's sync hooks: None, one callable, or (Megatron-LM with several chunks) one per chunk."""
+    return [] if hook is None else hook if isinstance(hook, list) else [hook]
+
+
 @contextmanager
 def _no_sync(no_sync_func):
-    """megatron-core's `no_sync_func`: one context, or (Megatron-LM with several chunks) a list of them."""
-    funcs = [] if no_sync_func is None else no_sync_func if isinstance(no_sync_func, list) else [no_sync_func]
+    """`no_sync_func` (each of them, when a list) held while the schedule runs."""
     with ExitStack() as stack:
-        for func in funcs:
+        for func in _as_list(no_sync_func):
             stack.enter_context(func())
         yield
 
 
 def _grad_sync(grad_sync_func, chunks) -> None:
-    """megatron-core's `grad_sync_func` (one, or one per chunk): start each chunk's data-parallel gradient
-    reduction, here once the mirror and tied-embedding sums have made the gradients final."""
-    if grad_sync_func is None:
-        return
-    funcs = grad_sync_func if isinstance(grad_sync_func, list) else [grad_sync_func] * len(chunks)
-    for func, chunk in zip(funcs, chunks):
+    """`grad_sync_func`: start each chunk's data-parallel gradient reduction, here once the mirror and
+    tied-embedding sums have made the gradients final."""
+    funcs = _as_list(grad_sync_func)
+    for func, chunk in zip(funcs * len(chunks) if len(funcs) == 1 else funcs, chunks):
         func(chunk.parameters())
 
 
@@ -244,4 +247,4 @@ def get_forward_backward_func(schedule: str):
         return mcore()
     if schedule in DUAL_SCHEDULES:
         return partial(forward_backward_dual, schedule=schedule)
-    raise ValueError(f"--pipeline-schedule: expected 1f1b, dualpipe or dualpipev, got {schedule!r}")
+    raise ValueError(f"--pipeline-schedule: expected one of {', '.join(SCHEDULES)}, got {schedule!r}")

@@ -39,7 +39,7 @@ class Executor:
         self._sends: list = []
 
     def _tag(self, kind: str, mb: int, stage: int) -> int:
-        return ((mb * 64 + stage) * 2 + (kind == "B")) + 1
+        return ((mb * len(self.plan.paths[mb]) + stage) * 2 + (kind == "B")) + 1
 
     def _send(self, tensor: torch.Tensor, to_rank: int, kind: str, mb: int, stage: int) -> None:
         if to_rank == self.rank:
@@ -60,8 +60,7 @@ class Executor:
 
     def _receive(self, kind: str, chunk: int, mb: int) -> tuple[int, Optional[torch.Tensor]]:
         """(stage index on the path, what the neighbour sent): activations for F, gradients for B."""
-        path = self.plan.paths[mb]
-        stage = path.index((self.rank, chunk))
+        path, stage = self.plan.paths[mb], self.plan.stage_of(mb, self.rank, chunk)
         if kind == "F":
             return stage, self._recv(path[stage - 1][0], "F", mb, stage) if stage > 0 else None
         return stage, self._recv(path[stage + 1][0], "B", mb, stage) if stage < len(path) - 1 else None

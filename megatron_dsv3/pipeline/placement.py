@@ -154,7 +154,8 @@ def mirror_partner(schedule: str) -> int | None:
     """The pipeline rank holding the mirror copies of this rank's chunks (DualPipe only)."""
     if schedule != "dualpipe":
         return None
-    return parallel_state.get_pipeline_model_parallel_world_size() - 1 - parallel_state.get_pipeline_model_parallel_rank()
+    ranks = parallel_state.get_pipeline_model_parallel_world_size()
+    return ranks - 1 - parallel_state.get_pipeline_model_parallel_rank()
 
 
 def mirror_state(chunk) -> list[torch.Tensor]:

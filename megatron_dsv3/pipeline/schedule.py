@@ -7,6 +7,7 @@ so the picture and the bubble numbers describe exactly what trains. A micro-batc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Optional
 
 SCHEDULES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
@@ -212,8 +213,10 @@ def _swap_chunks(op: Op) -> Op:
     return Op(op.kind, 1 - op.chunk, op.mb, (1 - op.chunk2) if op.chunk2 >= 0 else -1, op.mb2, op.split)
 
 
+@lru_cache(maxsize=64)
 def build(name: str, ranks: int, microbatches: int) -> Plan:
-    """The named schedule for `ranks` pipeline ranks and `microbatches` micro-batches (validated)."""
+    """The named schedule for `ranks` pipeline ranks and `microbatches` micro-batches (validated; a Plan is
+    immutable, so training builds it once rather than every step)."""
     _check(name, ranks, microbatches)
     if name == "1f1b":
         return one_f_one_b(ranks, microbatches)

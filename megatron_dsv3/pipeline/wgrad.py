@@ -76,13 +76,23 @@ class _DeferrableLinear(torch.autograd.Function):
         inputs = inputs.reshape(-1, inputs.shape[-1])
         grad_bias = grad_output.sum(dim=0) if ctx.use_bias else None
         pending, fused = _pending(), ctx.fused
-        if pending is not None:
-            pending.append(lambda: _accumulate(weight, grad_output, inputs, fused))
-            return grad_input, None, grad_bias, None
-        if not fused:
+        if pending is None and not fused:
             return grad_input, grad_output.t().matmul(inputs), grad_bias, None
-        _accumulate(weight, grad_output, inputs, fused=True)
-        return grad_input, None, grad_bias, None
+        if pending is None:
+            _accumulate(weight, grad_output, inputs, fused)
+        else:
+            pending.append(lambda: _accumulate(weight, grad_output, inputs, fused))
+        return grad_input, _main_grad_placeholder(weight, inputs.dtype) if fused else None, grad_bias, None
+
+
+def _main_grad_placeholder(weight: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """What megatron-core's fused path hands autograd once dW goes straight into main_grad: an unused tensor
+    that DDP's backward hook skips (`grad_added_to_main_grad`), so the hook still fires as for any weight."""
+    if not hasattr(weight, "grad_added_to_main_grad"):
+        return None
+    weight.grad_added_to_main_grad = True
+    make = torch.zeros if getattr(weight, "zero_out_wgrad", False) else torch.empty  # DDP adds it if zero_out
+    return make(weight.main_grad.shape, dtype=dtype, device=weight.main_grad.device)
 
 
 def _deferrable_forward_impl(input, weight, *args, **kwargs):
@@ -92,7 +102,8 @@ def _deferrable_forward_impl(input, weight, *args, **kwargs):
         kwargs.get("grad_output_buffer") is not None or kwargs.get("gtp_remat_size", 1) > 1
     if args or communicates or not weight.requires_grad:
         return _MCORE_IMPL[weight.requires_grad](input, weight, *args, **kwargs)
-    return _DeferrableLinear.apply(input, weight, kwargs.get("bias"), bool(kwargs.get("gradient_accumulation_fusion")))
+    fused = bool(kwargs.get("gradient_accumulation_fusion"))
+    return _DeferrableLinear.apply(input, weight, kwargs.get("bias"), fused)
 
 
 def enable_wgrad_deferral(model: torch.nn.Module) -> int:

@@ -11,6 +11,7 @@ from typing import Callable, Optional, Sequence
 
 from megatron_dsv3 import registry
 from megatron_dsv3.config import DSV3Config, YarnConfig
+from megatron_dsv3.pipeline.dual import SCHEDULES as PIPELINE_SCHEDULES
 from megatron_dsv3.presets import PRESETS, get_preset
 
 # Megatron-LM dest -> DSV3Config field, for flags whose value carries over unchanged.
@@ -95,7 +96,7 @@ def add_dsv3_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--fp8-no-scaling-control", action="store_true",
                        help="numerics negative control for --fp8-recipe blockwise: cast GEMM operands to E4M3 "
                             "with scale 1 (no block scaling); not for real training")
-    group.add_argument("--pipeline-schedule", choices=["1f1b", "dualpipe", "dualpipev"], default="1f1b",
+    group.add_argument("--pipeline-schedule", choices=PIPELINE_SCHEDULES, default="1f1b",
                        help="pipeline schedule: megatron-core's 1F1B, or DeepSeek-V3's DualPipe (two chunks per "
                             "rank: a stage and its mirror) or DualPipeV (2 x PP stages placed in a V)")
     group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,

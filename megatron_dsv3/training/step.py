@@ -10,7 +10,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
-from megatron_dsv3.moe.balancing import biased_routers
+from megatron_dsv3.moe.balancing import biased_routers, global_expert_loads
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -46,10 +46,7 @@ class LoadCapture:
         routers = biased_routers(self.model_chunks)
         names = router_names(routers)
         if routers:
-            loads = torch.stack([r.local_tokens_per_expert for r in routers]).clone()
-            group = parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
-            torch.distributed.all_reduce(loads, group=group)
-            self.loads = dict(zip(names, loads))
+            self.loads = dict(zip(names, global_expert_loads(routers)))
         result = finalize_model_grads(model, num_tokens, **kwargs)
         self.biases = {n: r.expert_bias.detach().clone() for n, r in zip(names, routers)}
         return result

@@ -96,10 +96,10 @@ class Trainer:
             lr_decay_style=settings.lr_decay_style, start_wd=settings.weight_decay, end_wd=settings.weight_decay,
             wd_incr_steps=iters * gbs, wd_incr_style="constant")
         self.loads = LoadCapture(self.model_chunks)
+        no_sync = [c.no_sync for c in self.model_chunks]  # one per chunk, or the only one, as Megatron-LM sets it
         for chunk in self.model_chunks:  # each chunk has its own config object; the schedules read chunk 0's
             chunk.config.finalize_model_grads_func = self.loads
-            chunk.config.no_sync_func = [c.no_sync for c in self.model_chunks] if len(self.model_chunks) > 1 \
-                else self.model_chunks[0].no_sync  # as Megatron-LM sets it
+            chunk.config.no_sync_func = no_sync if len(no_sync) > 1 else no_sync[0]
             chunk.config.grad_scale_func = self.optimizer.scale_loss
         self.mcore_config = self.model_chunks[0].config
         self.iteration, self.consumed_samples, self.checkpoint = 0, 0, None
