@@ -246,7 +246,7 @@ def hf_to_mcore(input_dir, output_dir, *, tp: int = 1, pp: int = 1, ep: int = 1,
     interleaved = bool(hf_config.get("rope_interleave", True))
     src = HFIndex(inp)
     _one_stage_runtime()
-    pieces, objects = build_template(cfg, backend)
+    pieces, objects = build_template(cfg)
     _check_hf(src, pieces, cfg)
     by_file = {f: [p for p in pieces if src.file_of[p.hf_name] == f] for f in src.files}
     rank, world, target = _rank(), _world(), DTYPES.get(dtype)
@@ -339,7 +339,8 @@ def mcore_to_hf(input_dir, output_dir, *, fp8: bool = False, max_shard_size="5GB
     interleaved = bool(hf_cfg.get("rope_interleave", True))
     _one_stage_runtime()
     pieces, _ = build_template(cfg)
-    md = dcp_io.read_metadata(path).state_dict_metadata
+    reader = dcp_io.CheckpointReader(str(path))
+    md = reader.read_metadata().state_dict_metadata
     shapes = {p.key: tuple(p.template.global_shape) for p in pieces}
     for key, shape in shapes.items():
         if key not in md:
@@ -381,7 +382,7 @@ def mcore_to_hf(input_dir, output_dir, *, fp8: bool = False, max_shard_size="5GB
                 if where not in buffers:
                     buffers[where] = torch.empty(piece.chunk_shape, dtype=md[piece.key].properties.dtype)
                     regions.append((piece.key, piece.offsets, buffers[where]))
-            dcp_io.load_regions(path, regions)
+            dcp_io.load_regions(reader, regions)
             tensors, seen = {}, set()
             for name, piece in shard:
                 where = (piece.key, piece.offsets)

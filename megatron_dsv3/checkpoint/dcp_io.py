@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, MetadataIndex
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
@@ -66,8 +66,13 @@ def merge_parts(parts: Sequence[Path], dest: Path) -> None:
         os.fsync(f.fileno())
 
 
-def read_metadata(path: Path) -> Metadata:
-    return FileSystemReader(str(path)).read_metadata()
+class CheckpointReader(FileSystemReader):
+    """A FileSystemReader that unpickles `.metadata` once, however many region loads it serves."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        if getattr(self, "_metadata", None) is None:
+            self._metadata = super().read_metadata(*args, **kwargs)
+        return self._metadata
 
 
 class _RegionPlanner(LoadPlanner):
@@ -107,10 +112,10 @@ class _RegionPlanner(LoadPlanner):
         pass
 
 
-def load_regions(path: Path, regions) -> None:
-    """Fill each `(fqn, global offsets, buffer)` with that region of the checkpoint at `path` (one process)."""
+def load_regions(reader: CheckpointReader, regions) -> None:
+    """Fill each `(fqn, global offsets, buffer)` with that region of the checkpoint `reader` reads (one process)."""
     if regions:
-        dcp_load({}, storage_reader=FileSystemReader(str(path)), planner=_RegionPlanner(regions), no_dist=True)
+        dcp_load({}, storage_reader=reader, planner=_RegionPlanner(regions), no_dist=True)
 
 
-__all__ = ["merge_parts", "read_metadata", "load_regions", "MetadataIndex"]
+__all__ = ["CheckpointReader", "merge_parts", "load_regions"]

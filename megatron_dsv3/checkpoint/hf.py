@@ -11,6 +11,7 @@ from typing import Any, Mapping
 import torch
 from megatron.core import parallel_state
 
+from megatron_dsv3.checkpoint.mapping import rope_order
 from megatron_dsv3.config import DSV3Config, YarnConfig
 
 _SUPPORTED_ROPE = ("default", "yarn")
@@ -92,11 +93,7 @@ def rope_to_interleaved(weight: torch.Tensor, rows_per_head: int, rope_dim: int,
     public checkpoint stores them (`mla_rotary_interleaved`); a HF config with rope_interleave=False holds
     them as halves (x_i, x_{i+d/2}), so those rows are interleaved on import.
     """
-    half = rope_dim // 2
-    order = torch.stack([torch.arange(half), torch.arange(half, rope_dim)], dim=1).flatten()
-    w = weight.reshape(heads, rows_per_head, *weight.shape[1:])
-    rope = w[:, rows_per_head - rope_dim:][:, order]
-    return torch.cat([w[:, : rows_per_head - rope_dim], rope], dim=1).reshape(weight.shape)
+    return weight[rope_order(rows_per_head, rope_dim, heads, to_interleaved=True)]
 
 
 class _Source:

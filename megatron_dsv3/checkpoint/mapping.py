@@ -119,7 +119,7 @@ def mtp_duplicates(cfg: DSV3Config) -> dict[str, str]:
     return out
 
 
-def build_template(cfg: DSV3Config, backend: str = "local", with_mtp: bool = True):
+def build_template(cfg: DSV3Config):
     """(pieces in model order, sharded objects): the checkpoint layout of `cfg`, built on the meta device.
 
     Needs a one-stage parallel state (runtime.initialize(1, 1, 1)). `te` keys are the same as `local` ones: this
@@ -128,10 +128,6 @@ def build_template(cfg: DSV3Config, backend: str = "local", with_mtp: bool = Tru
     """
     from megatron_dsv3.model.builder import build_model
 
-    if backend not in ("local", "te"):
-        raise ValueError(f"--backend: expected 'local' or 'te', got {backend!r}")
-    if not with_mtp:
-        cfg = cfg.replace(num_nextn_predict_layers=0)
     with torch.device("meta"):
         model = build_model(cfg, backend="local")
     pieces, objects = [], []
