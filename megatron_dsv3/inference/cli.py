@@ -97,7 +97,7 @@ def run(argv: Sequence[str]) -> dict:
     except ValueError as err:
         raise UsageError(str(err)) from None
     text = tok.detokenize(out.as_list())
-    stats = {k: v for k, v in out.stats.items() if k != "logits"}
+    stats = out.stats
     stats.update(load=str(args.load), iteration=state.get("iteration"), tokens=out.as_list(), text=text)
     stats.setdefault("acceptance_rate", None)
     return stats

@@ -137,7 +137,7 @@ class InferenceEngine:
     @torch.no_grad()
     def generate(self, prompt, max_new_tokens: int, *, greedy: bool = True, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None,
-                 eos_id: Optional[int] = None, return_logits: bool = False) -> GenerationOutput:
+                 eos_id: Optional[int] = None) -> GenerationOutput:
         """Prefill the prompt, then decode one token per main-model step. With eos_id, a row stops growing
         after its first eos (the tensor is cut after the step where every row has stopped)."""
         ids = as_batch(prompt).to(self.device)
@@ -153,16 +153,14 @@ class InferenceEngine:
         t0 = time.perf_counter()
         logits, _ = self.forward(ids, cache)
         t_prefill = time.perf_counter() - t0
-        steps, out, all_logits = 0, [], []
+        steps, out = 0, []
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
         last = logits[:, -1]
         t1 = time.perf_counter()
         for _ in range(max_new_tokens):
-            if return_logits:
-                all_logits.append(last)
             nxt = sample_next(last, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
             if eos_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+                nxt = nxt.masked_fill(done, eos_id)
                 done |= nxt == eos_id
             out.append(nxt)
             if len(out) == max_new_tokens or (eos_id is not None and bool(done.all())):
@@ -184,7 +182,4 @@ class InferenceEngine:
             "cache_values_per_token_per_layer": cache.values_per_token_per_layer(),
             "standard_kv_bytes_per_token": self.standard_kv_bytes_per_token(),
         }
-        result = GenerationOutput(tokens.cpu(), stats)
-        if return_logits:
-            result.stats["logits"] = torch.stack(all_logits, dim=1).cpu()
-        return result
+        return GenerationOutput(tokens.cpu(), stats)

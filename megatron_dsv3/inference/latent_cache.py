@@ -57,10 +57,6 @@ class LatentCache:
             raise ValueError(f"truncate: length {length} outside [0, {self.length}]")
         self.length = length
 
-    def valid(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The latent and rope-key entries [batch, length, dim] of `layer`."""
-        return self.latent[layer][:, : self.length], self.k_rope[layer][:, : self.length]
-
 
 def _out(result):
     """Megatron linears return (output, bias); fold the bias in when there is one."""
@@ -138,9 +134,10 @@ class AbsorbedMLA:
         scores = torch.einsum("bhsr,btr->bhst", q_latent, c_all)
         scores = scores + torch.einsum("sbhd,btd->bhst", q_rope, r_all)
         scores = scores * self.scale
-        pos_q = torch.arange(start, end, device=x.device).unsqueeze(1)
-        pos_k = torch.arange(end, device=x.device).unsqueeze(0)
-        scores = scores.masked_fill(pos_k > pos_q, float("-inf"))
+        if s > 1:  # a single new token sees every cached position: no mask to build
+            pos_q = torch.arange(start, end, device=x.device).unsqueeze(1)
+            pos_k = torch.arange(end, device=x.device).unsqueeze(0)
+            scores = scores.masked_fill(pos_k > pos_q, float("-inf"))
         probs = torch.softmax(scores.float(), dim=-1).to(c_all.dtype)
         ctx_latent = torch.einsum("bhst,btr->sbhr", probs, c_all)
         ctx = torch.einsum("sbhr,hvr->sbhv", ctx_latent, self.w_uv).reshape(s, b, self.heads * self.vdim)
