@@ -1,7 +1,9 @@
-"""The one place where megatron-core is adapted to CPU-only machines (gloo, no CUDA).
+"""The one place where megatron-core (and Megatron-LM's training loop) is worked around.
 
-`apply_cpu_patches()` is called by `runtime.initialize` only when CUDA is absent; importing this module
-changes nothing. Each patch names the megatron-core 0.19 code it works around.
+`apply_cpu_patches()` adapts megatron-core to CPU-only machines (gloo, no CUDA); `runtime.initialize` calls it
+only when CUDA is absent. Two workarounds hold on any machine: `PassesAsColumnParallelLinear` (a strict spec
+check in MLA) and `route_megatron_lm_schedule` (Megatron-LM's loop has no schedule hook). Importing this
+module changes nothing. Each workaround names the megatron-core 0.19 / Megatron-LM code it works around.
 """
 from __future__ import annotations
 
@@ -10,6 +12,37 @@ import contextlib
 import torch
 
 _APPLIED = False
+
+
+class PassesAsColumnParallelLinear(type):
+    """Metaclass for a linear that megatron-core's MLA must accept as its q/kv down projection.
+
+    transformer/multi_latent_attention.py MLASelfAttention.__init__ accepts `submodules.linear_*_down_proj`
+    only if it is `in [Linear, TEColumnParallelLinear, ColumnParallelLinear]` (equality, not issubclass), so
+    a subclass such as the FP8 down projection compares equal to `ColumnParallelLinear` and is otherwise itself.
+    """
+
+    def __eq__(cls, other):
+        from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+
+        return other is ColumnParallelLinear or type.__eq__(cls, other) is True
+
+    def __ne__(cls, other):
+        return not cls.__eq__(other)
+
+    __hash__ = type.__hash__
+
+
+def route_megatron_lm_schedule(forward_backward_func) -> None:
+    """Make Megatron-LM's training loop run `forward_backward_func` (e.g. DualPipe).
+
+    megatron/training/training.py imports `get_forward_backward_func` by name (`from
+    megatron.core.pipeline_parallel import ...`) and calls it in `train()` and `evaluate()` after the model
+    is built, with no parameter to pass another schedule: its module-level name is rebound here.
+    """
+    import megatron.training.training as megatron_training
+
+    megatron_training.get_forward_backward_func = lambda *args, **kwargs: forward_backward_func
 
 
 class CPURNGStatesTracker:

@@ -10,7 +10,8 @@ from typing import Callable, Optional
 import torch
 from megatron.core import parallel_state
 
-from megatron_dsv3.moe.balancing import biased_routers
+from megatron_dsv3.compat import route_megatron_lm_schedule
+from megatron_dsv3.moe.balancing import biased_routers, global_expert_loads
 from megatron_dsv3.pipeline.dual import DUAL_SCHEDULES, get_forward_backward_func
 from megatron_dsv3.pipeline.placement import build_chunks
 from megatron_dsv3.training.arguments import (_DIRECT, _YARN, add_dsv3_args, chain_providers, config_from_args,
@@ -104,13 +105,8 @@ class ModelChunks(list):
 
 
 def install_pipeline_schedule(schedule: str) -> None:
-    """Route Megatron-LM's training loop to `schedule`: megatron/training/training.py imports
-    `get_forward_backward_func` by name (`from megatron.core.pipeline_parallel import ...`) and calls it in
-    `train()` and `evaluate()`, after the model is built; the DualPipe function accepts that call's keywords."""
-    import megatron.training.training as megatron_training
-
-    dual = get_forward_backward_func(schedule)
-    megatron_training.get_forward_backward_func = lambda *args, **kwargs: dual
+    """Route Megatron-LM's training loop to `schedule` (the DualPipe function accepts its call's keywords)."""
+    route_megatron_lm_schedule(get_forward_backward_func(schedule))
 
 _BATCH_KEYS = ("tokens", "labels", "loss_mask", "attention_mask", "position_ids")
 
@@ -172,10 +168,8 @@ def moe_metrics_for_logging(model_chunks, all_reduce: bool = True) -> dict:
     names = router_names(routers)
     if not routers:  # dense model or eval mode
         return {"tokens_per_expert": {}, "expert_bias": {}, "scalars": {}}
-    loads = torch.stack([r.local_tokens_per_expert for r in routers]).clone()
-    if all_reduce and torch.distributed.is_initialized():
-        group = parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
-        torch.distributed.all_reduce(loads, group=group)
+    loads = global_expert_loads(routers) if all_reduce else \
+        torch.stack([r.local_tokens_per_expert for r in routers]).clone()
     biases = torch.stack([r.expert_bias.detach() for r in routers]).clone()
     return {"tokens_per_expert": dict(zip(names, loads)), "expert_bias": dict(zip(names, biases)),
             "scalars": moe_step_metrics(loads, biases, names)}

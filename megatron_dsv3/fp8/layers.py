@@ -17,6 +17,8 @@ import torch
 from megatron.core.tensor_parallel import layers as _mcore_layers
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
+from megatron_dsv3.compat import PassesAsColumnParallelLinear
+
 from .linear import FP8Config, fp8_dgrad, fp8_fprop, fp8_wgrad
 
 __all__ = ["FP8ColumnParallelLinear", "FP8RowParallelLinear", "fp8_down_proj_class", "fp8_linear_classes",
@@ -116,25 +118,11 @@ class FP8RowParallelLinear(_FP8ForwardImpl, RowParallelLinear):
     """`RowParallelLinear` with block-scaled FP8 fprop, dgrad and wgrad (default `FP8Config`)."""
 
 
-class _SpecEqualsColumnParallelLinear(type):
-    """Metaclass of the FP8 MLA down projection: megatron-core's MLA accepts its q/kv down projections only if
-    ``submodules.linear_*_down_proj in [Linear, TEColumnParallelLinear, ColumnParallelLinear]`` (an equality
-    test, not issubclass), so this class compares equal to `ColumnParallelLinear` and is otherwise itself."""
-
-    def __eq__(cls, other):
-        return other is ColumnParallelLinear or type.__eq__(cls, other) is True
-
-    def __ne__(cls, other):
-        return not cls.__eq__(other)
-
-    __hash__ = type.__hash__
-
-
 @functools.lru_cache(maxsize=None)
 def fp8_down_proj_class(config: FP8Config = FP8Config()) -> type:
     """The MLA q/kv down projection (a column-parallel linear) with FP8 GEMMs, accepted by megatron-core's MLA."""
     col, _ = fp8_linear_classes(config)
-    return _SpecEqualsColumnParallelLinear(f"{col.__name__}_DownProj", (col,), {"__module__": __name__})
+    return PassesAsColumnParallelLinear(f"{col.__name__}_DownProj", (col,), {"__module__": __name__})
 
 
 @functools.lru_cache(maxsize=None)
