@@ -57,7 +57,7 @@ def main(argv=None) -> dict:
     import megatron_dsv3 as m
     from megatron_dsv3.inference import InferenceEngine, speculative_generate
     from megatron_dsv3.inference.cli import load_model
-    from megatron_dsv3.training.data import ByteTokenizer, builtin_corpus
+    from megatron_dsv3.data import ByteTokenizer, builtin_corpus
 
     trained_here = False
     ckpt = args.load or newest_checkpoint()

@@ -46,7 +46,7 @@ ARGS=(
   --lr 2.2e-4 --min-lr 2.2e-5 --lr-decay-style cosine --lr-warmup-iters 2000
   --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0
   --use-distributed-optimizer
-  --recompute-granularity selective
+  --recompute-granularity selective --recompute-modules layernorm mla_up_proj moe_act
   --data-path "$DATA_PATH" --split 99,1,0
   --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$TOKENIZER_MODEL"
   --log-interval 1 --eval-interval 2000 --eval-iters 10

@@ -8,6 +8,8 @@ module changes nothing. Each workaround names the megatron-core 0.19 / Megatron-
 from __future__ import annotations
 
 import contextlib
+import re
+import types
 
 import torch
 
@@ -31,6 +33,16 @@ class PassesAsColumnParallelLinear(type):
         return not cls.__eq__(other)
 
     __hash__ = type.__hash__
+
+
+def list_balancing_types_for_logging(args) -> None:
+    """megatron/training/training.py training_log picks the MoE losses to report with
+    `"aux_loss" in args.moe_router_load_balancing_type`, a substring test once validate_args has turned a
+    one-element list into a string, so `seq_aux_loss` also reports an unused `load_balancing_loss: 0`; as a
+    list the test is membership. (The model's config is built before this and keeps the string.)"""
+    kind = args.moe_router_load_balancing_type
+    if isinstance(kind, str):
+        args.moe_router_load_balancing_type = [kind]
 
 
 def route_megatron_lm_schedule(forward_backward_func) -> None:
@@ -190,6 +202,193 @@ def _split_sizes_as_lists(all_to_all):
     return wrapped
 
 
+def _on_cpu(factory):
+    """A tensor factory that builds on the CPU where the caller asked for a CUDA device."""
+
+    def build(*args, **kwargs):
+        device = kwargs.get("device")
+        if device is not None and torch.device(device).type == "cuda":
+            kwargs["device"] = "cpu"
+        return factory(*args, **kwargs)
+
+    build.__wrapped__ = factory
+    return build
+
+
+_FACTORIES = ("tensor", "as_tensor", "zeros", "ones", "empty", "full", "arange", "rand", "randn", "randint",
+              "zeros_like", "ones_like", "empty_like", "full_like")
+
+
+class _CudaOnCPU(types.ModuleType):
+    """`torch.cuda` as megatron.training sees it without a GPU: one device, the CPU, whose streams, caches,
+    RNG and memory statistics are no-ops or zeros; anything else is torch.cuda's own."""
+
+    def __init__(self):
+        super().__init__("torch.cuda")
+        none = lambda *args, **kwargs: None  # noqa: E731
+        zero = lambda *args, **kwargs: 0  # noqa: E731
+        for name in ("set_device", "synchronize", "empty_cache", "set_rng_state", "set_stream", "reset_peak_memory_stats"):
+            setattr(self, name, none)
+        for name in ("memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved",
+                     "device_memory_used"):
+            setattr(self, name, zero)
+        self.is_available = lambda: False
+        self.device_count = lambda: 1  # initialize.py builds the parallel groups and RNG streams only if > 0
+        self.current_device = _current_device_cpu
+        self.memory_stats = lambda *args, **kwargs: {}
+        self.get_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
+        self.Stream, self.Event = _CPUStream, _CPUEvent
+        self.current_stream = lambda device=None: _DEFAULT_STREAM
+        self.stream = lambda stream=None: contextlib.nullcontext()
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
+class _TorchOnCPU(types.ModuleType):
+    """The `torch` name inside modules that hard-code CUDA: factories build on the CPU, `torch.cuda` is
+    `_CudaOnCPU`; everything else is torch itself. Only the named modules see it, never the model's ops."""
+
+    def __init__(self):
+        super().__init__("torch")
+        self.cuda = _CudaOnCPU()
+        for name in _FACTORIES:
+            setattr(self, name, _on_cpu(getattr(torch, name)))
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+def _route_torch_to_cpu(modules) -> None:
+    """Give each module the CPU view of `torch` (see `_TorchOnCPU`)."""
+    view = _TorchOnCPU()
+    for module in modules:
+        module.torch = view
+
+
+def apply_megatron_args_patches() -> None:
+    """Without CUDA, megatron/training/arguments.py validate_args asks the GPU: it asserts
+    `torch.cuda.get_device_capability()` >= 8 for --moe-grouped-gemm (its kernels; the local grouped experts,
+    torch._grouped_mm, need none), and reads `get_device_arch_version()` (utils/common_utils.py) with
+    tensor or context parallelism to require CUDA_DEVICE_MAX_CONNECTIONS=1 below Blackwell. Here the capability
+    reads 8.0, the architecture 0, and that variable (meaningless without CUDA streams) is set. Idempotent."""
+    import os
+
+    import megatron.training.arguments as mlm_arguments
+
+    if torch.cuda.is_available() or isinstance(mlm_arguments.torch, _TorchOnCPU):
+        return
+    _route_torch_to_cpu([mlm_arguments])
+    mlm_arguments.torch.cuda.get_device_capability = lambda *args, **kwargs: (8, 0)
+    mlm_arguments.get_device_arch_version = lambda: 0
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+
+
+def _tensor_cuda_is_identity(tensor, *args, **kwargs):
+    """`t.cuda()` (and so `module.cuda()`) on a machine without CUDA: the tensor stays where it is."""
+    return tensor
+
+
+_HELP_FORMAT = re.compile(r"%%|%\(\w+\)[a-zA-Z]|%")  # an escaped %, a format field, or a bare %
+
+
+def escape_help_percents(parser) -> None:
+    """megatron-core 0.19's help for --moe-paged-stash-buffer-size-factor-cuda (from the docstring of
+    TransformerConfig.moe_paged_stash_buffer_size_factor_cuda) holds a bare `%`, so argparse's `--help`
+    raises `ValueError: unsupported format character`; bare `%` signs become `%%`."""
+    for action in parser._actions:
+        if isinstance(action.help, str) and "%" in action.help:
+            action.help = _HELP_FORMAT.sub(lambda m: m.group(0) if len(m.group(0)) > 1 else "%%", action.help)
+
+
+def _skip_make_when_helpers_are_built(compile_dependencies):
+    """megatron/training/initialize.py _compile_dependencies always runs `make` in megatron/core/datasets
+    (datasets/utils.py compile_helpers), but the megatron-core wheel ships the compiled helpers_cpp and no
+    Makefile, so Megatron-LM exits at start-up on every machine; with the module built, `make` is skipped."""
+
+    def compile_if_needed(*args, **kwargs):
+        import os
+
+        from megatron.core import datasets
+        makefile = os.path.join(os.path.dirname(datasets.__file__), "Makefile")
+        if os.path.exists(makefile):
+            return compile_dependencies(*args, **kwargs)
+        try:
+            from megatron.core.datasets import helpers_cpp  # noqa: F401
+        except ImportError as err:
+            raise RuntimeError("megatron-core's dataset helpers are neither built (helpers_cpp) nor buildable "
+                               f"(no {makefile}): reinstall megatron-core ({err})") from None
+        torch.distributed.barrier()
+
+    compile_if_needed.__wrapped__ = compile_dependencies
+    return compile_if_needed
+
+
+def _fp8_false_means_off(init):
+    """tensor_parallel/random.py CheckpointWithoutOutput.__init__ sets `self.fp8 = fp8 is not None`, so its
+    default fp8=False turns the FP8 path on, whose forward calls Transformer Engine's FP8GlobalStateManager
+    (transformer_layer.py builds it so for --recompute-modules layernorm): False is passed on as None."""
+
+    def fixed(self, fp8=False):
+        init(self, fp8=None if fp8 is False else fp8)
+
+    fixed.__wrapped__ = init
+    return fixed
+
+
+_NO_TE_APPLIED = False
+
+
+def apply_no_te_patches() -> None:
+    """Where Transformer Engine is not installed (CPUs, or GPUs without it): megatron-core paths that reach it
+    although no FP8 is asked for. Idempotent."""
+    global _NO_TE_APPLIED
+    import importlib.util
+
+    if _NO_TE_APPLIED or importlib.util.find_spec("transformer_engine") is not None:
+        return
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    mcore_random.CheckpointWithoutOutput.__init__ = _fp8_false_means_off(mcore_random.CheckpointWithoutOutput.__init__)
+    _NO_TE_APPLIED = True
+
+
+_MEGATRON_LM_APPLIED = False
+
+
+def apply_megatron_lm_patches() -> None:
+    """Let Megatron-LM's own training loop (megatron.training.pretrain) run the dsv3 model; idempotent.
+
+    On any machine: the dataset-helper build without a Makefile (and `apply_no_te_patches`). Without CUDA,
+    also `apply_cpu_patches()` and Megatron-LM's CUDA assumptions (its start-up assertion and device literals)."""
+    global _MEGATRON_LM_APPLIED
+    if _MEGATRON_LM_APPLIED:
+        return
+    apply_no_te_patches()
+    apply_megatron_args_patches()
+    import megatron.training.initialize as mlm_initialize
+
+    mlm_initialize._compile_dependencies = _skip_make_when_helpers_are_built(mlm_initialize._compile_dependencies)
+    if not torch.cuda.is_available():
+        apply_cpu_patches()
+        import megatron.core.rerun_state_machine as rerun_state_machine
+        import megatron.training.checkpointing as mlm_checkpointing
+        import megatron.training.training as mlm_training
+        import megatron.training.utils.common_utils as mlm_common_utils
+
+        # training.py pretrain asserts CUDA through initialize_megatron(allow_no_cuda=False), the only check
+        # that flag controls.
+        initialize_megatron = mlm_training.initialize_megatron
+        mlm_training.initialize_megatron = lambda *args, **kwargs: initialize_megatron(
+            *args, **{**kwargs, "allow_no_cuda": True})
+        # device="cuda" and torch.cuda.* in training.py (start-time all-reduces, loss accumulators, eval
+        # counters, data-iterator flags, memory reports), initialize.py (device count, set_device, MoE aux-loss
+        # scale), checkpointing.py (iteration all-reduce, CUDA RNG state) and utils/common_utils.py (loss
+        # and grad-norm reductions).
+        _route_torch_to_cpu([mlm_training, mlm_initialize, mlm_checkpointing, mlm_common_utils, rerun_state_machine])
+    _MEGATRON_LM_APPLIED = True
+
+
 def apply_cpu_patches() -> None:
     """Make megatron-core's CUDA-assuming paths run on CPU. Idempotent; refuses to run when CUDA exists."""
     global _APPLIED
@@ -220,6 +419,10 @@ def apply_cpu_patches() -> None:
     # torch.cuda.synchronize() in pipeline_parallel/p2p_communication.py P2PCommunicator._communicate and
     # dist_checkpointing/strategies/filesystem_async.py (checkpoint writes).
     torch.cuda.synchronize = lambda device=None: None
+    # models/common/language_module/language_module.py setup_embeddings_and_output_layer (weight.data.cuda()),
+    # Megatron-LM's get_model (model_module.cuda(...)) and batch moves (batch[key].cuda(non_blocking=True)):
+    # without CUDA these could only raise, so tensors stay on the CPU.
+    torch.Tensor.cuda = _tensor_cuda_is_identity
 
     # transformer/moe/token_dispatcher.py MoEAlltoAllTokenDispatcher.token_dispatch/token_combine pass numpy
     # split sizes (from _maybe_dtoh_and_synchronize) to tensor_parallel/mappings.py all_to_all.
@@ -264,4 +467,9 @@ def apply_cpu_patches() -> None:
     # tensor_parallel/random.py initialize_rng_tracker picks `CudaRNGStatesTracker` as the base tracker class;
     # model_parallel_cuda_manual_seed then calls its add(), which needs CUDA RNG states.
     mcore_random.CudaRNGStatesTracker = CPURNGStatesTracker
+    # tensor_parallel/random.py _get_all_rng_states / _set_all_rng_states (activation recompute: checkpoint and
+    # CheckpointWithoutOutput, used by --recompute-granularity) save and restore the CUDA generator's state
+    # next to the CPU one and the tracker's; without CUDA there is no such state.
+    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
+    mcore_random._set_cuda_rng_state = lambda *args, **kwargs: None
     _APPLIED = True

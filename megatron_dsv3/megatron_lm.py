@@ -1,8 +1,14 @@
 """Megatron-LM integration: the providers `megatron.training.pretrain` takes, so DeepSeek-V3 trains in its loop.
-`main()` is a drop-in for Megatron-LM's pretrain_gpt.py; patches/ adds the same to pretrain_gpt.py itself."""
+
+`python -m megatron_dsv3.megatron_lm FLAGS` is Megatron-LM's pretrain_gpt.py with the dsv3 model (patches/ adds
+the same to pretrain_gpt.py itself). It runs on GPUs with NCCL and, through `compat.apply_megatron_lm_patches`,
+on CPUs with gloo. Without `--data-path` or `--mock-data` it trains on the built-in corpus, in the same sample
+order as dsv3-pretrain.
+"""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from functools import partial
 from typing import Callable, Optional
@@ -10,53 +16,23 @@ from typing import Callable, Optional
 import torch
 from megatron.core import parallel_state
 
-from megatron_dsv3.compat import route_megatron_lm_schedule
+from megatron_dsv3.cli.errors import UsageError, exit_on_usage_error
+from megatron_dsv3.cli.model_config import (apply_dependent_defaults, check_flags, config_from_args,
+                                            model_kwargs_from_args)
+from megatron_dsv3.cli.parser import assertion_text, dsv3_parser_provider, explicit_dests
+from megatron_dsv3.compat import list_balancing_types_for_logging, route_megatron_lm_schedule
 from megatron_dsv3.moe.balancing import biased_routers, global_expert_loads
 from megatron_dsv3.pipeline.dual import DUAL_SCHEDULES, get_forward_backward_func
-from megatron_dsv3.pipeline.placement import build_chunks
-from megatron_dsv3.training.arguments import (_DIRECT, _YARN, add_dsv3_args, chain_providers, config_from_args,
-                                              explicit_dests)
 from megatron_dsv3.training.step import loss_func, router_names
 
+PROG = "megatron_dsv3.megatron_lm"
 _PARSER: dict[str, argparse.ArgumentParser] = {}
-_BACKENDS = {"local": "local", "transformer_engine": "te"}
 
 
-def _preset_defaults(parser: argparse.ArgumentParser, argv) -> None:
-    """With `--preset NAME`, the preset's shape becomes the parser defaults, so Megatron's checks and FLOP
-    counts see the DeepSeek shape while explicitly given flags still win."""
-    from megatron_dsv3.presets import PRESETS, get_preset
-    argv = list(argv)
-    name = next((a.split("=", 1)[1] for a in argv if a.startswith("--preset=")), None)
-    name = argv[argv.index("--preset") + 1] if name is None and "--preset" in argv[:-1] else name
-    if name not in PRESETS:
-        return  # unknown names are reported by config_from_args, naming the flag
-    cfg = get_preset(name)
-    values = {dest: getattr(cfg, field) for dest, field in _DIRECT.items()}
-    values["mtp_num_layers"] = cfg.num_nextn_predict_layers or None
-    if cfg.rope_scaling is not None:
-        values.update({dest: getattr(cfg.rope_scaling, field) for dest, field in _YARN.items()})
-    k = cfg.first_k_dense_replace
-    values.update(multi_latent_attention=True, normalization="RMSNorm", swiglu=True, position_embedding_type="rope",
-                  rope_type="yarn" if cfg.rope_scaling else "rope",
-                  untie_embeddings_and_output_weights=not cfg.tie_word_embeddings,
-                  moe_layer_freq=[0] * k + [1] * (cfg.num_hidden_layers - k) if cfg.n_routed_experts else 1,
-                  moe_shared_expert_intermediate_size=(cfg.n_shared_experts * cfg.moe_intermediate_size) or None)
-    known = {a.dest for a in parser._actions}
-    parser.set_defaults(**{d: v for d, v in values.items() if d in known})
-
-
-def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Adds `--model-spec`, `--preset`, `--dsv3-backend` (and YaRN flags Megatron lacks); remembers the parser."""
-    parser = add_dsv3_args(parser)
-    _preset_defaults(parser, sys.argv[1:])
-    _PARSER["parser"] = parser
-    return parser
-
-
-def chained_extra_args_provider(existing: Optional[Callable] = None) -> Callable:
-    """One provider for `parse_and_validate_args`: the script's own (`existing`, may be None), then ours."""
-    return chain_providers(existing, extra_args_provider)
+def chained_extra_args_provider(existing: Optional[Callable] = None, implied: bool = False) -> Callable:
+    """One provider for `parse_and_validate_args`: the script's own (`existing`, may be None), then ours; the
+    DeepSeek defaults apply when `implied` or when the command line asks for dsv3."""
+    return dsv3_parser_provider(sys.argv[1:], implied=implied, extra=existing, remember=_PARSER)
 
 
 def _explicit(argv=None) -> set[str]:
@@ -64,6 +40,8 @@ def _explicit(argv=None) -> set[str]:
     parser = _PARSER.get("parser")
     if parser is None:
         from megatron.training.arguments import add_megatron_arguments
+
+        from megatron_dsv3.cli.parser import add_dsv3_args
         parser = add_dsv3_args(add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)))
     return explicit_dests(parser, sys.argv[1:] if argv is None else argv)
 
@@ -80,23 +58,33 @@ def is_dsv3_requested(args: argparse.Namespace) -> bool:
 
 
 def model_provider(pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None):
-    """megatron.training's model provider: the dsv3 GPTModel for this (virtual) pipeline stage. `config` and
-    `pg_collection` (from get_model) are unused: the shape comes from the flags, groups from parallel_state."""
+    """megatron.training's model provider: the dsv3 GPTModel for this (virtual) pipeline stage, initialised
+    from (seed, global tensor names) as in dsv3-pretrain. `config` and `pg_collection` (from get_model) are
+    unused: the shape comes from the flags, the groups from parallel_state."""
+    from megatron.core.distributed import finalize_model_grads
     from megatron.training import get_args
 
-    from megatron_dsv3 import build_model
+    from megatron_dsv3.model.builder import build_model
+    from megatron_dsv3.model.init import init_layout_independent
+    from megatron_dsv3.pipeline.placement import build_chunks
+
     args = get_args()
-    backend = args.dsv3_backend
-    if backend is None and "transformer_impl" in _explicit():
-        backend = _BACKENDS.get(args.transformer_impl)  # Megatron's default (TE) is not taken as a request
-    overrides = {k: getattr(args, k) for k in ("bf16", "fp16", "params_dtype", "sequence_parallel")
-                 if getattr(args, k, None) is not None}
-    cfg = dsv3_config_from_megatron_args(args)
+    explicit = _explicit()
+    with exit_on_usage_error(PROG):  # a patched pretrain_gpt.py reaches the dsv3 checks only here
+        apply_dependent_defaults(args, explicit)
+        cfg = config_from_args(args, explicit)
+        kwargs = model_kwargs_from_args(args, explicit, cfg)
     if args.pipeline_schedule in DUAL_SCHEDULES:
         install_pipeline_schedule(args.pipeline_schedule)
-        return ModelChunks(build_chunks(cfg, args.pipeline_schedule, seed=args.seed, backend=backend, **overrides))
-    return build_model(cfg, backend=backend, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage,
-                       **overrides)
+        chunks = ModelChunks(build_chunks(cfg, args.pipeline_schedule, seed=args.seed, **kwargs))
+    else:
+        chunks = [build_model(cfg, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage,
+                              **kwargs)]
+        init_layout_independent(chunks[0], args.seed)
+    for chunk in chunks:  # megatron.training fills finalize_model_grads_func only when it is None
+        chunk.config.finalize_model_grads_func = wrap_finalize_model_grads(finalize_model_grads, log_moe_metrics)
+    list_balancing_types_for_logging(args)
+    return chunks if isinstance(chunks, ModelChunks) else chunks[0]
 
 
 class ModelChunks(list):
@@ -107,6 +95,7 @@ class ModelChunks(list):
 def install_pipeline_schedule(schedule: str) -> None:
     """Route Megatron-LM's training loop to `schedule` (the DualPipe function accepts its call's keywords)."""
     route_megatron_lm_schedule(get_forward_backward_func(schedule))
+
 
 _BATCH_KEYS = ("tokens", "labels", "loss_mask", "attention_mask", "position_ids")
 
@@ -181,17 +170,58 @@ def wrap_finalize_model_grads(fn: Callable, on_loads: Callable[[dict], None]) ->
     def finalize(model, *args, **kwargs):
         on_loads(moe_metrics_for_logging(model))
         return fn(model, *args, **kwargs)
+    finalize.__wrapped__ = fn
     return finalize
 
 
+def log_moe_metrics(metrics: dict) -> None:
+    """Megatron-LM's writers get this step's per-layer MaxVio, load and bias statistics (on each log interval);
+    rank 0 prints the MaxVio summary next to Megatron-LM's own iteration line."""
+    from megatron.training import get_args, get_tensorboard_writer, get_wandb_writer
+
+    args = get_args()
+    iteration = getattr(args, "curr_iteration", 0) + 1
+    scalars = metrics["scalars"]
+    if not scalars or iteration % max(1, args.log_interval):
+        return
+    writers = [w for w in (get_tensorboard_writer(), get_wandb_writer()) if w is not None]
+    for writer in writers:
+        if hasattr(writer, "add_scalar"):
+            for key, value in scalars.items():
+                writer.add_scalar(key, value, iteration)
+        else:
+            writer.log(scalars, iteration)
+    if torch.distributed.get_rank() == 0:
+        per_layer = " ".join(f"{key.split('/')[1]}={value:.3f}" for key, value in scalars.items()
+                             if key.endswith("/maxvio"))
+        print(f" [moe] iteration {iteration:8d} | maxvio mean {scalars['moe/maxvio_mean']:.4f} | "
+              f"max {scalars['moe/maxvio_max']:.4f} | {per_layer}", flush=True)
+
+
+def _builtin_corpus_datasets(train_val_test_num_samples):
+    """Train/valid/test over the built-in corpus: dsv3-pretrain's datasets and sample order (as a dataset
+    that Megatron-LM's sequential sampler walks), so both loops see the same batches."""
+    from megatron.training import get_args
+
+    from megatron_dsv3.data import ShuffledSamples, builtin_datasets
+
+    args = get_args()
+    train, valid = builtin_datasets(args.seq_length)
+    train_n, valid_n, _ = (int(n or 0) for n in train_val_test_num_samples)
+    return (ShuffledSamples(train, args.seed, train_n), ShuffledSamples(valid, args.seed, max(valid_n, 1)), None)
+
+
 def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None):
-    """GPT datasets from `--data-path`/`--split` (or `--mock-data`) through megatron-core's builders."""
+    """GPT datasets from `--data-path`/`--split` (or `--mock-data`) through megatron-core's builders, else the
+    built-in corpus."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
     from megatron.training import get_args, get_tokenizer
     from megatron.training.utils import get_blend_and_blend_per_split, is_first_or_last_pipeline_stage
     args = get_args()
     blend, blend_per_split = get_blend_and_blend_per_split(args)
+    if blend is None and blend_per_split is None and not args.mock_data:
+        return _builtin_corpus_datasets(train_val_test_num_samples)
     config = GPTDatasetConfig(
         random_seed=args.seed, sequence_length=args.seq_length, blend=blend, blend_per_split=blend_per_split,
         split=args.split, path_to_cache=args.data_cache_path, mmap_bin_files=args.mmap_bin_files,
@@ -208,14 +238,60 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
 train_valid_test_datasets_provider.is_distributed = True
 
 
+def _single_process_env() -> None:
+    """Without torchrun, run as the only rank of a one-process group on this machine (Megatron-LM's
+    initialize always rendezvous through env://)."""
+    import socket
+    if "WORLD_SIZE" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def _defaults(argv) -> dict:
+    """Megatron-LM's args_defaults for this entry point: pretrain_gpt.py's GPT-2 BPE tokenizer for indexed data,
+    Megatron's null tokenizer (the built-in corpus is byte-level) otherwise; an evaluation interval, which
+    Megatron-LM 0.19's sample count needs."""
+    own_data = any(a.split("=")[0] in ("--data-path", "--train-data-path", "--mock-data") for a in argv)
+    return {"tokenizer_type": "GPT2BPETokenizer" if own_data else "NullTokenizer", "eval_interval": 1000}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Megatron-LM's parse_and_validate_args with the dsv3 flags and defaults; bad flags raise UsageError."""
+    from megatron.training.arguments import parse_and_validate_args
+
+    from megatron_dsv3.cli.parser import parse_megatron_args
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    unchecked, explicit = parse_megatron_args(argv)  # the dsv3 spec's refusals before Megatron-LM's checks
+    apply_dependent_defaults(unchecked, explicit)
+    check_flags(unchecked, explicit, config_from_args(unchecked, explicit))
+    try:
+        args = parse_and_validate_args(extra_args_provider=chained_extra_args_provider(None, implied=True),
+                                       args_defaults=_defaults(argv))
+    except AssertionError as err:
+        raise UsageError(f"Megatron-LM rejects the flags: {assertion_text(err)}") from None
+    explicit = _explicit(argv)
+    apply_dependent_defaults(args, explicit)
+    model_kwargs_from_args(args, explicit, config_from_args(args, explicit))  # refuse bad flags before starting
+    return args
+
+
 def main() -> None:
-    """Entry point equivalent to Megatron-LM's pretrain_gpt.py with the dsv3 model (needs CUDA, as Megatron does)."""
+    """Entry point equivalent to Megatron-LM's pretrain_gpt.py with the dsv3 model."""
+    from megatron_dsv3.notices import quiet_third_party
+    from megatron_dsv3.compat import apply_megatron_lm_patches
+
+    quiet_third_party()
+    with exit_on_usage_error(PROG):
+        apply_megatron_lm_patches()
+        _single_process_env()
+        args = parse_args()
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
-    from megatron.training.arguments import parse_and_validate_args
-    args = parse_and_validate_args(extra_args_provider=chained_extra_args_provider(None),
-                                   args_defaults={"tokenizer_type": "GPT2BPETokenizer"})
     pretrain(pretrain_cfg_container_from_args(args), train_valid_test_datasets_provider, ModelType.encoder_or_decoder,
              forward_step, model_provider=model_provider)
 

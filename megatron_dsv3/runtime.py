@@ -28,6 +28,7 @@ def initialize(tp: int = 1, pp: int = 1, ep: int = 1, backend: Optional[str] = N
     defaults to NCCL with CUDA and gloo without. Calling again with other sizes rebuilds the groups.
     """
     cuda = torch.cuda.is_available()
+    compat.apply_no_te_patches()
     if not cuda:
         compat.apply_cpu_patches()
     if not dist.is_initialized():

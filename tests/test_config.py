@@ -3,7 +3,8 @@ import pytest
 
 import megatron_dsv3 as m
 from megatron_dsv3.config import DSV3Config, YarnConfig
-from megatron_dsv3.presets import count_parameters, get_preset
+from megatron_dsv3.model.parameters import count_parameters
+from megatron_dsv3.presets import get_preset
 
 TINY = get_preset("tiny")
 

@@ -1,9 +1,9 @@
-"""Tests for megatron_dsv3.training.data: tokenizer, built-in corpus, iteration and indexed data."""
+"""Tests for megatron_dsv3.data: tokenizer, built-in corpus, iteration and indexed data."""
 import numpy
 import pytest
 import torch
 
-from megatron_dsv3.training import data as D
+from megatron_dsv3 import data as D
 
 
 def test_tokenizer_round_trip_and_specials():

@@ -4,7 +4,7 @@ import torch
 from megatron.core.pipeline_parallel import schedules
 
 import megatron_dsv3 as m
-from megatron_dsv3.training.init import init_layout_independent
+from megatron_dsv3.model.init import init_layout_independent
 from megatron_dsv3.training.step import forward_step
 from tests.dist.dualpipe_grads import batches
 from tests.distributed import torchrun

@@ -11,7 +11,7 @@ import torch
 import megatron_dsv3 as m
 from megatron_dsv3.checkpoint.dist import load_checkpoint
 from megatron_dsv3.inference import InferenceEngine, sample_next, speculative_generate
-from megatron_dsv3.training.data import ByteTokenizer, builtin_corpus
+from megatron_dsv3.data import ByteTokenizer, builtin_corpus
 from tests.distributed import REPO
 
 TOL = 1e-5

@@ -12,7 +12,7 @@ import megatron_dsv3 as m
 from megatron_dsv3 import megatron_lm as mlm
 from megatron_dsv3.moe.balancing import biased_routers
 from megatron_dsv3.presets import get_preset
-from megatron_dsv3.training.init import init_layout_independent
+from megatron_dsv3.model.init import init_layout_independent
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -25,11 +25,18 @@ def _other_provider(parser):
 
 
 def _parse(monkeypatch, argv, existing=_other_provider):
+    """Parse and validate as a patched pretrain_gpt.py does (without Megatron-LM's process-global state)."""
     from megatron.training.arguments import parse_args
 
-    monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py", *argv])
+    from megatron_dsv3.cli.parser import validate_megatron_args
+
+    required = [] if "--micro-batch-size" in argv else ["--micro-batch-size", "2", "--seq-length", "16"]
+    monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py", *argv, *required])
     monkeypatch.setattr(mlm, "_PARSER", {})
-    return parse_args(mlm.chained_extra_args_provider(existing))
+    args = parse_args(mlm.chained_extra_args_provider(existing))
+    if mlm.is_dsv3_requested(args):
+        validate_megatron_args(args)
+    return args
 
 
 def test_megatron_parser_accepts_plugin_deepseek_and_existing_flags(monkeypatch):
@@ -190,7 +197,8 @@ def _script_arguments(script: Path) -> list[str]:
                                               ("train_v2_lite_8gpu.sh", "v2-lite", 1),
                                               ("train_v3_671b.sh", "v3-671b", 16)])
 def test_launch_script_flags_give_a_valid_config(script, preset, pp):
-    from megatron_dsv3.training.arguments import config_from_args, parse_megatron_args
+    from megatron_dsv3.cli.model_config import config_from_args
+    from megatron_dsv3.cli.parser import parse_megatron_args
 
     args, explicit = parse_megatron_args(_script_arguments(EXAMPLES / script))
     cfg = config_from_args(args, explicit)

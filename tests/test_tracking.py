@@ -28,7 +28,11 @@ def test_moe_step_metrics_hand_computed():
     assert m["moe/mtp_0/load_imbalance"] == pytest.approx(1.0)
     assert m["moe/mtp_0/load_cv"] == pytest.approx(0.0)
     assert m["moe/max_load_imbalance"] == pytest.approx(2.0)
-    assert len(m) == 2 * (4 + 6) + 1
+    # MaxVio (max load / mean load - 1): layer_03 4 / 2 - 1; the layer without tokens 0
+    assert m["moe/layer_03/maxvio"] == pytest.approx(1.0)
+    assert m["moe/mtp_0/maxvio"] == 0.0
+    assert (m["moe/maxvio_mean"], m["moe/maxvio_max"]) == (pytest.approx(0.5), pytest.approx(1.0))
+    assert len(m) == 2 * (4 + 7) + 3
     assert all(isinstance(v, float) for v in m.values())
 
 

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_dsv3.checkpoint.dist import CheckpointError
-from megatron_dsv3.training.arguments import UsageError
+from megatron_dsv3.cli.errors import UsageError, exit_on_usage_error
 
 PROG = "dsv3-generate"
 
@@ -59,10 +59,11 @@ def _logs_to_stderr() -> None:
 
 
 def run(argv: Sequence[str]) -> dict:
+    from megatron_dsv3.cli.model_config import config_from_args
+    from megatron_dsv3.cli.parser import parse_megatron_args
+    from megatron_dsv3.data.tokenizer import ByteTokenizer
     from megatron_dsv3.inference.generate import InferenceEngine
     from megatron_dsv3.inference.speculative import speculative_generate
-    from megatron_dsv3.training.arguments import config_from_args, parse_megatron_args
-    from megatron_dsv3.training.data import ByteTokenizer
 
     args, explicit = parse_megatron_args(argv, add_generate_args)
     _logs_to_stderr()
@@ -105,11 +106,8 @@ def run(argv: Sequence[str]) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
+    with exit_on_usage_error(PROG, CheckpointError):
         stats = run(argv)
-    except (UsageError, CheckpointError) as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        sys.exit(2)
     print(stats.pop("text"))
     print(json.dumps(stats))
 

@@ -13,6 +13,7 @@ from megatron.core.transformer.moe.experts import SequentialMLP
 
 from megatron_dsv3.attention.core_attention import MLACoreAttention
 from megatron_dsv3.model.norm import LatentRMSNorm, RMSNorm
+from megatron_dsv3.moe.grouped_experts import GroupedMLP
 
 
 @dataclass(frozen=True)
@@ -27,8 +28,17 @@ class Backend:
     down_proj_linear: type  # MLA down projections (replicated across tensor-parallel ranks)
 
 
+class DSV3LocalSpecProvider(LocalSpecProvider):
+    """megatron-core's local provider, whose experts become grouped GEMMs with `moe_grouped_gemm`
+    (megatron-core's own local provider ignores the flag and always loops over experts)."""
+
+    def grouped_mlp_modules(self, moe_use_grouped_gemm: bool):
+        experts = super().grouped_mlp_modules(moe_use_grouped_gemm)
+        return partial(GroupedMLP, **experts.keywords) if moe_use_grouped_gemm else experts
+
+
 def _local() -> Backend:
-    provider = LocalSpecProvider()
+    provider = DSV3LocalSpecProvider()
     return Backend("local", provider, RMSNorm, LatentRMSNorm, MLACoreAttention, provider.column_parallel_linear())
 
 

@@ -22,6 +22,8 @@ def build_model(config: DSV3Config, backend: Optional[str] = None, *, spec: str 
     """
     if isinstance(fp8_recipe, str):  # megatron-core's own field (TE backend): fp8_recipe='blockwise', fp8='e4m3'
         mcore_overrides["fp8_recipe"], fp8_recipe = fp8_recipe, None
+    elif fp8_recipe is not None:  # megatron-core's name for what the local FP8 linears run (fp8 stays None:
+        mcore_overrides.update(local_fp8=fp8_recipe, fp8_recipe="blockwise")  # that field means TE's autocast)
     mcore_config = to_mcore_config(config, **mcore_overrides)
     chosen = get_backend(backend, fp8_recipe=fp8_recipe)  # an FP8Config: local block-scaled FP8 linears
     model_spec = registry.get(spec)

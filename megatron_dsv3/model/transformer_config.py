@@ -1,8 +1,9 @@
-"""DSV3Config -> megatron-core MLATransformerConfig, with the two fields megatron-core lacks."""
+"""DSV3Config -> megatron-core MLATransformerConfig, with the fields megatron-core lacks."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -13,10 +14,12 @@ from megatron_dsv3.config import DSV3Config, yarn_get_mscale
 
 @dataclass
 class DSV3TransformerConfig(MLATransformerConfig):
-    """MLATransformerConfig plus DeepSeek's top-k gate normalisation switch and fixed latent-norm eps."""
+    """MLATransformerConfig plus DeepSeek's top-k gate normalisation switch, fixed latent-norm eps and the
+    local backend's FP8 recipe."""
 
     moe_router_norm_topk_prob: bool = True
     mla_latent_norm_eps: float = 1e-6
+    local_fp8: Optional[Any] = None  # the local backend's block-scaled FP8 linears (megatron_dsv3.fp8.FP8Config)
 
 
 def _yarn_fields(cfg: DSV3Config) -> dict:
@@ -43,8 +46,9 @@ def _yarn_fields(cfg: DSV3Config) -> dict:
     )
 
 
-def to_mcore_config(cfg: DSV3Config, **overrides) -> DSV3TransformerConfig:
-    """Build megatron-core's config; `overrides` sets any other TransformerConfig field (bf16, fp8, ...)."""
+def architecture_fields(cfg: DSV3Config) -> dict:
+    """The megatron-core fields `cfg` determines: DeepSeek's architecture, routing and parallel layout. The
+    command line cannot set these around `DSV3Config` (its flags build the DSV3Config instead)."""
     has_moe = cfg.n_routed_experts > 0 and cfg.first_k_dense_replace < cfg.num_hidden_layers
     moe = {}
     if has_moe:
@@ -59,15 +63,10 @@ def to_mcore_config(cfg: DSV3Config, **overrides) -> DSV3TransformerConfig:
             moe_router_score_function=cfg.scoring_func,
             moe_router_topk_scaling_factor=cfg.routed_scaling_factor,
             moe_router_norm_topk_prob=cfg.norm_topk_prob,
-            moe_router_enable_expert_bias=cfg.scoring_func == "sigmoid",
             moe_router_bias_update_rate=cfg.bias_update_speed,
-            moe_router_load_balancing_type="seq_aux_loss",
             moe_aux_loss_coeff=cfg.seq_aux_alpha,
-            moe_router_dtype="fp32",
-            moe_token_dispatcher_type="alltoall",
-            moe_grouped_gemm=False,
         )
-    fields = dict(
+    return dict(
         num_layers=cfg.num_hidden_layers,
         hidden_size=cfg.hidden_size,
         ffn_hidden_size=cfg.intermediate_size,
@@ -78,14 +77,13 @@ def to_mcore_config(cfg: DSV3Config, **overrides) -> DSV3TransformerConfig:
         qk_head_dim=cfg.qk_nope_head_dim,
         qk_pos_emb_head_dim=cfg.qk_rope_head_dim,
         v_head_dim=cfg.v_head_dim,
+        multi_latent_attention=True,
         qk_layernorm=True,
         normalization="RMSNorm",
         layernorm_epsilon=cfg.rms_norm_eps,
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
         rotary_base=cfg.rope_theta,
         init_method_std=cfg.initializer_range,
         mtp_num_layers=cfg.num_nextn_predict_layers or None,
@@ -95,12 +93,36 @@ def to_mcore_config(cfg: DSV3Config, **overrides) -> DSV3TransformerConfig:
         num_layers_in_first_pipeline_stage=cfg.first_pipeline_stage_layers,
         num_layers_in_last_pipeline_stage=cfg.last_pipeline_stage_layers,
         expert_model_parallel_size=cfg.expert_model_parallel_size,
+        **_yarn_fields(cfg),
+        **moe,
+    )
+
+
+def recipe_defaults(cfg: DSV3Config) -> dict:
+    """DeepSeek-V3's training-system choices where megatron-core's defaults differ; any may be overridden."""
+    has_moe = cfg.n_routed_experts > 0 and cfg.first_k_dense_replace < cfg.num_hidden_layers
+    moe = dict(
+        moe_router_enable_expert_bias=cfg.scoring_func == "sigmoid",
+        moe_router_pre_softmax=cfg.scoring_func == "softmax",  # DeepSeek's softmax gate spans all experts
+        moe_router_load_balancing_type="seq_aux_loss",
+        moe_router_dtype="fp32",
+        moe_token_dispatcher_type="alltoall",
+    ) if has_moe else {}
+    return dict(
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
         sequence_parallel=cfg.tensor_model_parallel_size > 1,
         use_cpu_initialization=not torch.cuda.is_available(),
         params_dtype=torch.float32,
         pipeline_dtype=torch.float32,
-        **_yarn_fields(cfg),
         **moe,
     )
-    fields.update(overrides)
-    return DSV3TransformerConfig(**fields)
+
+
+def to_mcore_config(cfg: DSV3Config, **overrides) -> DSV3TransformerConfig:
+    """megatron-core's config: DeepSeek's recipe defaults and `cfg`'s architecture, then `overrides` (any
+    TransformerConfig field: bf16, fp8, recompute, ...; the command line passes everything it set except the
+    architecture). `pipeline_dtype` follows `params_dtype` unless given, as in Megatron-LM."""
+    if "params_dtype" in overrides:
+        overrides.setdefault("pipeline_dtype", overrides["params_dtype"])
+    return DSV3TransformerConfig(**{**recipe_defaults(cfg), **architecture_fields(cfg), **overrides})

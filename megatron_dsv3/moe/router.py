@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from megatron.core.transformer.moe.moe_utils import compute_routing_scores_for_aux_loss
+from megatron.core.transformer.moe.moe_utils import apply_router_token_dropping, compute_routing_scores_for_aux_loss
 from megatron.core.transformer.moe.router import TopKRouter
 
 
@@ -24,13 +24,14 @@ def deepseek_topk(
     The bias only steers selection; gates come from the unbiased scores. A group is scored by the sum of its
     two best biased scores whatever topk/group_topk is (megatron-core uses topk // group_topk instead).
     """
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32, or fp64 if the router runs so
     if score_function == "sigmoid":
-        scores = torch.sigmoid(logits.float())
+        scores = torch.sigmoid(logits)
     elif score_function == "softmax":
-        scores = torch.softmax(logits.float(), dim=-1)
+        scores = torch.softmax(logits, dim=-1)
     else:
         raise ValueError(f"score_function: expected 'sigmoid' or 'softmax', got {score_function!r}")
-    choice = scores if expert_bias is None else scores + expert_bias.float()
+    choice = scores if expert_bias is None else scores + expert_bias.to(scores.dtype)
     if num_groups > 1:
         num_tokens, num_experts = choice.shape
         grouped = choice.view(num_tokens, num_groups, num_experts // num_groups)
@@ -47,7 +48,11 @@ def deepseek_topk(
 
 
 class DeepSeekRouter(TopKRouter):
-    """megatron-core's TopKRouter with DeepSeek-V3's selection; balance losses and bias counters reused."""
+    """megatron-core's TopKRouter with DeepSeek-V3's selection; balance losses, z-loss, token dropping (with
+    --moe-expert-capacity-factor) and bias counters reused.
+
+    megatron-core's post-softmax gate (softmax over the selected logits, `moe_router_pre_softmax` off) equals
+    DeepSeek's softmax gate normalised over the top-k, so it is honoured as `norm_topk_prob`."""
 
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         seq_length, bsz = logits.shape[:2]
@@ -64,11 +69,17 @@ class DeepSeekRouter(TopKRouter):
             expert_bias=self.expert_bias,
             num_groups=self.config.moe_router_num_groups or 1,
             group_topk=self.config.moe_router_group_topk or 1,
-            norm_topk_prob=self.config.moe_router_norm_topk_prob,
+            norm_topk_prob=self.config.moe_router_norm_topk_prob or (
+                self.score_function == "softmax" and not self.config.moe_router_pre_softmax),
             scaling_factor=self.config.moe_router_topk_scaling_factor or 1.0,
         )
         probs = torch.zeros_like(logits, dtype=gates.dtype).scatter(1, indices, gates)
         routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter(1, indices, True)
+        if self.config.moe_expert_capacity_factor is not None:
+            probs, routing_map = apply_router_token_dropping(
+                probs, routing_map, router_topk=self.topk, capacity_factor=self.config.moe_expert_capacity_factor,
+                drop_policy=self.config.moe_token_drop_policy,
+                pad_to_capacity=self.config.moe_pad_expert_input_to_capacity)
 
         if self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled():
             # Sequence-wise balance loss of the report (eq. 17-20): unbiased top-k, normalised affinities.

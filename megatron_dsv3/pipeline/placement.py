@@ -22,7 +22,7 @@ from megatron.core.utils import unwrap_model
 from megatron_dsv3.config import DSV3Config
 from megatron_dsv3.model.builder import build_model
 from megatron_dsv3.pipeline.wgrad import enable_wgrad_deferral
-from megatron_dsv3.training.init import init_layout_independent
+from megatron_dsv3.model.init import init_layout_independent
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,10 @@ def build_stage(cfg: DSV3Config, stage: int, stages: int, *, seed: int, backend=
         parallel_state.set_pipeline_model_parallel_rank(saved[0])
         parallel_state.set_pipeline_model_parallel_world_size(saved[1])
     model.dsv3_stage = (stage, stages)
+    # The modules inside keep the stage they were built for; whoever reads the whole model's groups
+    # (Megatron-LM's training_log reduces the MoE metrics over `model.pg_collection.pp`) gets the real pipeline.
+    model.pg_collection = copy.copy(pg)
+    model.pg_collection.pp = parallel_state.get_pipeline_model_parallel_group()
     enable_wgrad_deferral(model)
     return model
 

@@ -5,7 +5,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["moe_step_metrics", "expert_load_heatmap"]
+__all__ = ["maxvio", "moe_step_metrics", "expert_load_heatmap"]
 
 
 def _check(t: torch.Tensor, layer_names: Sequence[str], what: str) -> torch.Tensor:
@@ -26,18 +26,28 @@ def _balance(loads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return imbalance, cv
 
 
+def maxvio(loads: torch.Tensor) -> torch.Tensor:
+    """MaxVio per row of [layers, experts] token counts: max load / mean load - 1 (arXiv 2408.15664);
+    0 for perfect balance and for a layer that routed no tokens."""
+    loads = torch.as_tensor(loads).to(torch.float64)
+    mean = loads.mean(dim=-1)
+    return torch.where(mean > 0, loads.amax(dim=-1) / mean.clamp_min(1e-300) - 1.0, torch.zeros_like(mean))
+
+
 def moe_step_metrics(
     loads: torch.Tensor, biases: torch.Tensor, layer_names: Sequence[str]
 ) -> dict[str, float]:
     """Flatten one step's [layers, experts] loads and router biases into scalar metrics.
 
-    std values are population std; a layer that routed no tokens reports load_imbalance 1.0, load_cv 0.0.
+    std values are population std; a layer that routed no tokens reports load_imbalance 1.0, load_cv 0.0 and
+    maxvio 0.0. `moe/maxvio_mean` and `moe/maxvio_max` summarise MaxVio over the MoE layers.
     """
     loads = _check(loads, layer_names, "loads")
     biases = _check(biases, layer_names, "biases")
     if biases.shape != loads.shape:
         raise ValueError(f"biases shape {tuple(biases.shape)} != loads shape {tuple(loads.shape)}")
     imbalance, cv = _balance(loads)
+    violation = maxvio(loads)
     out: dict[str, float] = {}
     for i, name in enumerate(layer_names):
         prefix = f"moe/{name}"
@@ -45,12 +55,15 @@ def moe_step_metrics(
             out[f"{prefix}/tokens_per_expert/{e}"] = float(v)
         out[f"{prefix}/load_imbalance"] = float(imbalance[i])
         out[f"{prefix}/load_cv"] = float(cv[i])
+        out[f"{prefix}/maxvio"] = float(violation[i])
         b = biases[i]
         out[f"{prefix}/bias_mean"] = float(b.mean())
         out[f"{prefix}/bias_std"] = float(b.std(unbiased=False))
         out[f"{prefix}/bias_min"] = float(b.min())
         out[f"{prefix}/bias_max"] = float(b.max())
     out["moe/max_load_imbalance"] = float(imbalance.max()) if len(layer_names) else 1.0
+    out["moe/maxvio_mean"] = float(violation.mean()) if len(layer_names) else 0.0
+    out["moe/maxvio_max"] = float(violation.max()) if len(layer_names) else 0.0
     return out
 
 

@@ -5,14 +5,18 @@ Megatron-LM's flags plus `--model-spec dsv3` and `--preset`; ends by printing on
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
-import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from megatron_dsv3.training.arguments import UsageError, config_from_args, parse_megatron_args
+from megatron_dsv3.cli.errors import UsageError, exit_on_usage_error
+from megatron_dsv3.cli.model_config import (apply_dependent_defaults, check_flags, config_from_args,
+                                            model_kwargs_from_args)
+from megatron_dsv3.cli.parser import parse_megatron_args, validate_megatron_args
+from megatron_dsv3.notices import quiet_third_party
+
+PROG = "dsv3-pretrain"
 
 
 @dataclass(frozen=True)
@@ -110,42 +114,45 @@ def _world_sizes(cfg) -> int:
     return dp
 
 
+def prepare(argv: Sequence[str]):
+    """Parse and check the command line: (DSV3Config, TrainSettings, Megatron-LM args, build_model kwargs)."""
+    args, explicit = parse_megatron_args(argv)
+    cfg = config_from_args(args, explicit)
+    dp = _world_sizes(cfg)
+    settings = _settings(args, dp)
+    if settings.seq_length > cfg.max_position_embeddings:
+        raise UsageError(f"--seq-length: {settings.seq_length} tokens exceed the model's position limit "
+                         f"--max-position-embeddings {cfg.max_position_embeddings}")
+    _check_pipeline_schedule(args, cfg, settings.num_microbatches)
+    args.micro_batch_size, args.global_batch_size, args.lr = (settings.micro_batch_size,
+                                                              settings.global_batch_size, settings.lr)
+    if args.save and args.save_interval is None:
+        args.save_interval = settings.train_iters  # Megatron-LM wants one; dsv3-pretrain saves at the end anyway
+    apply_dependent_defaults(args, explicit)
+    check_flags(args, explicit, cfg)  # the dsv3 spec's refusals come before Megatron-LM's own checks
+    validate_megatron_args(args)
+    model_kwargs = model_kwargs_from_args(args, explicit, cfg)  # backend, FP8 and every megatron-core field
+    return cfg, settings, args, model_kwargs
+
+
 def run(argv: Sequence[str]) -> dict:
     """Parse, build, train, checkpoint; returns the summary that is printed as JSON."""
     from megatron_dsv3.training.trainer import Trainer
 
-    from megatron_dsv3.fp8.recipe import model_kwargs_from_args
-
-    args, explicit = parse_megatron_args(argv)
-    model_kwargs = model_kwargs_from_args(args, explicit)  # backend, and FP8 from --fp8-recipe/--fp8-format
-    cfg = config_from_args(args, explicit)
-    dp = _world_sizes(cfg)
-    settings = _settings(args, dp)
-    _check_pipeline_schedule(args, cfg, settings.num_microbatches)
-    trainer = Trainer(cfg, settings, args, model_kwargs)
+    trainer = Trainer(*prepare(argv))
     try:
         return trainer.train()
     finally:
         trainer.close()
 
 
-def _quiet_libraries() -> None:
-    """megatron-core logs every parameter and config at INFO and warns about absent GPU extras: keep stderr for us."""
-    logging.getLogger("megatron").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", message=".*(is deprecated|scope is deprecated)")
-
-
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Console entry point: bad input ends with one line on stderr and exit code 2."""
-    _quiet_libraries()
+    quiet_third_party()
     from megatron_dsv3.checkpoint.dist import CheckpointError
 
-    try:
+    with exit_on_usage_error(PROG, CheckpointError):
         summary = run(sys.argv[1:] if argv is None else argv)
-    except (UsageError, CheckpointError) as err:
-        print(f"dsv3-pretrain: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary), flush=True)
 

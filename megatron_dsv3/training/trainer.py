@@ -7,63 +7,34 @@ from typing import Optional
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.distributed import DistributedDataParallel
+from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.transformer.module import Float16Module
 from tqdm import tqdm
 
-from megatron_dsv3 import runtime
+from megatron_dsv3 import data, runtime
 from megatron_dsv3.checkpoint.dist import load_checkpoint, save_checkpoint
+from megatron_dsv3.cli.errors import UsageError
 from megatron_dsv3.model.builder import build_model
+from megatron_dsv3.model.init import init_layout_independent
 from megatron_dsv3.pipeline.dual import DUAL_SCHEDULES, get_forward_backward_func
 from megatron_dsv3.pipeline.placement import build_chunks
-from megatron_dsv3.training import data
-from megatron_dsv3.training.arguments import UsageError
-from megatron_dsv3.training.init import init_layout_independent
 from megatron_dsv3.training.step import LoadCapture, evaluate, moe_and_mtp_metrics, train_step
-
-
-class HFTokenizer:
-    """A local Hugging Face tokenizer in the interface the datasets use (tokenize, eod, vocab_size)."""
-
-    def __init__(self, path: str):
-        try:
-            from transformers import AutoTokenizer
-
-            self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except Exception as err:  # transformers raises many types for a bad path
-            raise UsageError(f"--tokenizer-model: cannot load a Hugging Face tokenizer from {path!r} ({err})") from None
-        self.eod = self._tok.eos_token_id if self._tok.eos_token_id is not None else 0
-        self.pad = self._tok.pad_token_id if self._tok.pad_token_id is not None else self.eod
-        self.vocab_size = len(self._tok)
-        self.unique_identifiers = {"class": "HFTokenizer", "path": path}
-
-    def tokenize(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False)
-
-    def detokenize(self, ids) -> str:
-        return self._tok.decode(ids)
-
-
-def make_tokenizer(args):
-    """Byte-level by default; `--tokenizer-type HuggingFaceTokenizer --tokenizer-model PATH` otherwise."""
-    if args.tokenizer_type in (None, "ByteTokenizer"):
-        return data.ByteTokenizer()
-    if args.tokenizer_type == "HuggingFaceTokenizer":
-        if not args.tokenizer_model:
-            raise UsageError("--tokenizer-model: required with --tokenizer-type HuggingFaceTokenizer")
-        return HFTokenizer(args.tokenizer_model)
-    raise UsageError(f"--tokenizer-type: {args.tokenizer_type!r} is not supported; use ByteTokenizer (default) "
-                     "or HuggingFaceTokenizer")
 
 
 class Trainer:
     """Builds everything once, then `train()` runs the steps; rank 0 logs and reports."""
 
-    def __init__(self, cfg, settings, args, model_kwargs: Optional[dict] = None):
+    def __init__(self, cfg, settings, args, model_kwargs: dict):
+        from megatron.training import global_vars
+        from megatron.training.training import (get_megatron_ddp_config, get_megatron_optimizer_config,
+                                                get_optimizer_param_scheduler)
+
         self.cfg, self.settings, self.args = cfg, settings, args
-        self.tokenizer = make_tokenizer(args)
+        try:
+            self.tokenizer = data.make_tokenizer(args.tokenizer_type, args.tokenizer_model)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
         if self.tokenizer.vocab_size > cfg.vocab_size:
             raise UsageError(f"--vocab-size: the model's vocabulary ({cfg.vocab_size}) is smaller than the "
                              f"tokenizer's ({self.tokenizer.vocab_size})")
@@ -71,30 +42,18 @@ class Trainer:
         runtime.initialize(tp=cfg.tensor_model_parallel_size, pp=cfg.pipeline_model_parallel_size,
                            ep=cfg.expert_model_parallel_size, seed=settings.seed)
         self.rank = torch.distributed.get_rank()
-        bf16 = bool(getattr(args, "bf16", False))
-        # BF16 as on GPUs: weight gradients accumulate into FP32 main_grad inside the GEMM (megatron-core's
-        # gradient-accumulation fusion), not rounded to BF16 first.
-        precision = {"bf16": True, "params_dtype": torch.bfloat16, "gradient_accumulation_fusion": True} \
-            if bf16 else {}
-        chunks = self._build_chunks({**(model_kwargs or {"backend": args.dsv3_backend}), **precision})
-        if bf16:  # Megatron-LM's --bf16: BF16 weights and compute, FP32 main weights in the optimizer
+        global_vars.set_args(args)  # megatron.training's config builders below read the flags from here
+        chunks = self._build_chunks(model_kwargs)
+        if args.bf16 or args.fp16:  # Megatron-LM's --bf16/--fp16: 16-bit weights and compute, FP32 main weights
             chunks = [Float16Module(chunk.config, chunk) for chunk in chunks]
-        self.model_chunks = [
-            DistributedDataParallel(chunk.config, DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False), chunk)
-            for chunk in chunks]
+        ddp_config = get_megatron_ddp_config(args)
+        self.model_chunks = [DistributedDataParallel(chunk.config, ddp_config, chunk) for chunk in chunks]
         self.forward_backward = get_forward_backward_func(settings.pipeline_schedule)
-        self.optimizer = get_megatron_optimizer(OptimizerConfig(
-            optimizer="adam", lr=settings.lr, min_lr=settings.min_lr, weight_decay=settings.weight_decay,
-            adam_beta1=settings.adam_beta1, adam_beta2=settings.adam_beta2, clip_grad=settings.clip_grad,
-            bf16=bf16, fp16=False, params_dtype=torch.bfloat16 if bf16 else torch.float32,
-            use_distributed_optimizer=False), self.model_chunks)
-        gbs, iters = settings.global_batch_size, settings.train_iters
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0 if settings.lr_warmup_iters else settings.lr, max_lr=settings.lr,
-            min_lr=settings.min_lr, lr_warmup_steps=settings.lr_warmup_iters * gbs, lr_decay_steps=iters * gbs,
-            lr_decay_style=settings.lr_decay_style, start_wd=settings.weight_decay, end_wd=settings.weight_decay,
-            wd_incr_steps=iters * gbs, wd_incr_style="constant")
+        optimizer_config, optimizer_overrides = get_megatron_optimizer_config(args)
+        self.optimizer = get_megatron_optimizer(optimizer_config, self.model_chunks,
+                                                config_overrides=optimizer_overrides,
+                                                use_gloo_process_groups=args.use_gloo_process_groups)
+        self.scheduler = get_optimizer_param_scheduler(self.optimizer)
         self.loads = LoadCapture(self.model_chunks)
         no_sync = [c.no_sync for c in self.model_chunks]  # one per chunk, or the only one, as Megatron-LM sets it
         for chunk in self.model_chunks:  # each chunk has its own config object; the schedules read chunk 0's
@@ -118,10 +77,6 @@ class Trainer:
     def _build_chunks(self, model_kwargs: dict) -> list:
         """This rank's model chunks: one for 1F1B, two (a stage and its mirror or V partner) for DualPipe(V)."""
         cfg, seed = self.cfg, self.settings.seed
-        # Megatron-LM's --calculate-per-token-loss: off, each micro-batch's loss is its token mean (divided by
-        # the micro-batch count); on, token sums, divided by the global token count when gradients are final.
-        per_token = bool(getattr(self.args, "calculate_per_token_loss", False))
-        model_kwargs = {**model_kwargs, "calculate_per_token_loss": per_token}
         if self.settings.pipeline_schedule in DUAL_SCHEDULES:
             return build_chunks(cfg, self.settings.pipeline_schedule, seed=seed, **model_kwargs)
         model = build_model(cfg, **model_kwargs)

@@ -15,7 +15,7 @@ from megatron.core import parallel_state
 import megatron_dsv3 as m
 from megatron_dsv3.pipeline.dual import forward_backward_dual
 from megatron_dsv3.pipeline.placement import build_chunks, chunk_stages
-from megatron_dsv3.training.init import global_name
+from megatron_dsv3.model.init import global_name
 from megatron_dsv3.training.step import forward_step
 
 

@@ -9,8 +9,7 @@ import megatron_dsv3.fp8.linear as fp8_linear_module
 from megatron_dsv3.fp8 import FP8Config, fp8_linear, quantize_blockwise
 from megatron_dsv3.fp8.layers import FP8ColumnParallelLinear, FP8RowParallelLinear, fp8_linear_classes
 from megatron_dsv3.fp8.native import native_available, pad_operand, prepare_scale
-from megatron_dsv3.fp8.recipe import TE_ONLY_RECIPES, model_kwargs_from_args
-from megatron_dsv3.training.arguments import UsageError
+from megatron_dsv3.fp8.recipe import TE_ONLY_RECIPES, fp8_model_kwargs
 
 
 def _tiny_mcore_config():
@@ -127,12 +126,16 @@ def _ns(**kw):
     return argparse.Namespace(**base)
 
 
+def model_kwargs_from_args(args, explicit):
+    return fp8_model_kwargs(args, explicit, args.dsv3_backend)
+
+
 @pytest.mark.parametrize("recipe", TE_ONLY_RECIPES)
 def test_te_only_recipe_is_a_usage_error(recipe):
-    with pytest.raises(UsageError, match=f"--fp8-recipe: '{recipe}' needs Transformer Engine"):
+    with pytest.raises(ValueError, match=f"--fp8-recipe: '{recipe}' needs Transformer Engine"):
         model_kwargs_from_args(_ns(fp8_recipe=recipe, dsv3_backend="local"), {"fp8_recipe"})
     if recipe == "delayed":  # --fp8-format alone keeps Megatron's default recipe, which is TE's
-        with pytest.raises(UsageError, match="needs Transformer Engine"):
+        with pytest.raises(ValueError, match="needs Transformer Engine"):
             model_kwargs_from_args(_ns(fp8="e4m3"), {"fp8"})
 
 
@@ -143,9 +146,9 @@ def test_recipe_mapping():
     assert kw["backend"] == "local" and kw["fp8_recipe"] == FP8Config(gemm=gemm)
     kw = model_kwargs_from_args(_ns(fp8_recipe="blockwise", fp8_no_scaling_control=True), {"fp8_recipe"})
     assert kw["fp8_recipe"].scaling == "none"
-    with pytest.raises(UsageError, match="--fp8-format"):
+    with pytest.raises(ValueError, match="--fp8-format"):
         model_kwargs_from_args(_ns(fp8_recipe="blockwise", fp8="hybrid"), {"fp8_recipe", "fp8"})
-    with pytest.raises(UsageError, match="--fp8-no-scaling-control"):
+    with pytest.raises(ValueError, match="--fp8-no-scaling-control"):
         model_kwargs_from_args(_ns(fp8_no_scaling_control=True), set())
 
 

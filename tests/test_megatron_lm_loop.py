@@ -1,0 +1,89 @@
+"""Megatron-LM's own training loop (megatron.training.pretrain) runs the dsv3 model on CPU with gloo.
+
+The oracle is dsv3-pretrain on the same flags, seed and built-in data: both build the model and optimizer
+from the same Megatron-LM flags, so their per-iteration losses agree (Megatron-LM logs 7 digits).
+"""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.distributed import REPO, free_port
+from tests.test_pretrain_runs import COMMON, pretrain
+
+LOOP = [a for a in COMMON if a != "--no-progress"] + ["--train-iters", "4", "--log-interval", "1",
+                                                      "--num-workers", "0", "--eval-iters", "0"]
+
+
+def megatron_lm(*argv: str, nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m megatron_dsv3.megatron_lm` (under torchrun when nproc > 1)."""
+    module = ["-m", "megatron_dsv3.megatron_lm"]
+    launcher = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+                                    f"--master-port={free_port()}"] + module if nproc > 1 else module)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    result = subprocess.run(launcher + list(argv), capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def logged(result: subprocess.CompletedProcess, key: str) -> list[float]:
+    """Per-iteration values of `key` in Megatron-LM's iteration lines (log interval 1). Megatron-LM resets its
+    running sums only from the second log on, so the second line is the mean of iterations 1 and 2."""
+    values = [float(v) for v in re.findall(rf"\| {re.escape(key)}: ([0-9.E+-]+) \|", result.stdout)]
+    if len(values) >= 2:
+        values[1] = 2 * values[1] - values[0]
+    return values
+
+
+@pytest.fixture(scope="module")
+def reference() -> list[float]:
+    return pretrain("--train-iters", "4")["lm_losses"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout,nproc", [([], 1), (["--pipeline-model-parallel-size", "2"], 2),
+                                          (["--expert-model-parallel-size", "2"], 2)], ids=["one", "pp2", "ep2"])
+def test_megatron_lm_loop_matches_dsv3_pretrain(reference, tmp_path, layout, nproc):
+    extra = ["--save", str(tmp_path / "ckpt"), "--save-interval", "4"] if nproc == 1 else []
+    result = megatron_lm(*LOOP, *layout, *extra, nproc=nproc)
+    losses = logged(result, "lm loss")
+    assert len(losses) == 4
+    for want, got in zip(reference, losses):
+        assert got == pytest.approx(want, abs=1e-5)
+    # The balance loss the model trains with, the MTP loss and the paper's MaxVio per MoE layer are reported.
+    assert len(logged(result, "seq_load_balancing_loss")) == 4 and "| load_balancing_loss:" not in result.stdout
+    assert all(v > 0 for v in logged(result, "mtp_1 loss"))
+    maxvio = re.findall(r"\[moe\] iteration +\d+ \| maxvio mean ([0-9.]+) \| max [0-9.]+ \| layer_01=", result.stdout)
+    assert len(maxvio) == 4
+    if extra:
+        assert (tmp_path / "ckpt" / "iter_0000004").is_dir()
+
+
+@pytest.mark.slow
+def test_dualpipev_through_megatron_lm_matches_1f1b(reference):
+    """`--pipeline-schedule dualpipev` reaches Megatron-LM's loop: two V chunks per rank; the same 8 samples a
+    step as 4 micro-batches of 2 (DualPipeV needs 2 x PP), so losses agree to summation order."""
+    result = megatron_lm(*LOOP, "--micro-batch-size", "2", "--pipeline-model-parallel-size", "2",
+                         "--pipeline-schedule", "dualpipev", nproc=2)
+    for want, got in zip(reference, logged(result, "lm loss")):
+        assert got == pytest.approx(want, rel=1e-4)
+
+
+def test_megatron_lm_refuses_a_flag_the_spec_cannot_honour_in_one_line():
+    result = megatron_lm(*LOOP, "--normalization", "LayerNorm", check=False)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "megatron_dsv3.megatron_lm: error: --normalization: not supported by the dsv3 spec")
+
+
+@pytest.mark.parametrize("entry", [["-m", "megatron_dsv3.megatron_lm"], ["-m", "megatron_dsv3.training.pretrain"]],
+                         ids=["megatron_lm", "dsv3-pretrain"])
+def test_help_exits_0(entry):
+    result = subprocess.run([sys.executable, *entry, "--help"], capture_output=True, text=True, timeout=300,
+                            cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--moe-paged-stash-buffer-size-factor-cuda" in result.stdout and "--preset" in result.stdout
