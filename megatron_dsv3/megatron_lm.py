@@ -30,8 +30,14 @@ _PARSER: dict[str, argparse.ArgumentParser] = {}
 
 
 def chained_extra_args_provider(existing: Optional[Callable] = None, implied: bool = False) -> Callable:
-    """One provider for `parse_and_validate_args`: the script's own (`existing`, may be None), then ours; the
-    DeepSeek defaults apply when `implied` or when the command line asks for dsv3."""
+    """One provider for `parse_and_validate_args`: the script's own (`existing`, may be None), then ours. When
+    `implied` or when the command line asks for dsv3, the DeepSeek defaults apply and Megatron-LM's loop gets
+    the workarounds it needs to run the dsv3 model here (`compat.apply_megatron_lm_patches`)."""
+    from megatron_dsv3.cli.parser import dsv3_requested
+    from megatron_dsv3.compat import apply_megatron_lm_patches
+
+    if implied or dsv3_requested(sys.argv[1:]):
+        apply_megatron_lm_patches()
     return dsv3_parser_provider(sys.argv[1:], implied=implied, extra=existing, remember=_PARSER)
 
 

@@ -14,6 +14,13 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron_dsv3 import compat
 
 
+def te_available() -> bool:
+    """Transformer Engine is usable: importable and a CUDA device present."""
+    import importlib.util
+
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
 def _init_process_group(backend: str) -> None:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         dist.init_process_group(backend=backend, init_method="env://")

@@ -1,7 +1,6 @@
 """Config validation, presets and parameter counts."""
 import pytest
 
-import megatron_dsv3 as m
 from megatron_dsv3.config import DSV3Config, YarnConfig
 from megatron_dsv3.model.parameters import count_parameters
 from megatron_dsv3.presets import get_preset

@@ -117,7 +117,7 @@ def test_the_671b_recipe_flags_reach_megatron_core(monkeypatch):
     from tests.test_megatron_lm import EXAMPLES, _script_arguments
 
     monkeypatch.setenv("WORLD_SIZE", "2048")
-    monkeypatch.setattr("megatron_dsv3.model.backends.te_available", lambda: True)  # as on the H800 cluster,
+    monkeypatch.setattr("megatron_dsv3.runtime.te_available", lambda: True)  # as on the H800 cluster,
     monkeypatch.setattr("megatron.core.transformer.transformer_config.is_te_min_version", lambda *a, **k: True)
     args, explicit = parse_megatron_args(_script_arguments(EXAMPLES / "train_v3_671b.sh"))
     validate_megatron_args(args)

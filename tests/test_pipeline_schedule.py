@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from megatron_dsv3.pipeline.schedule import SCHEDULES, bubble_formula, build
+from megatron_dsv3.pipeline.schedule import bubble_formula, build
 from megatron_dsv3.pipeline.simulate import Costs, report, simulate
 from tests.distributed import REPO
 

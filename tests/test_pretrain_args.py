@@ -7,7 +7,6 @@ import torch
 
 import megatron_dsv3 as m
 from megatron_dsv3.config import YarnConfig
-from megatron_dsv3.cli import UsageError
 from megatron_dsv3.cli.model_config import config_from_args
 from megatron_dsv3.cli.parser import parse_megatron_args
 from megatron_dsv3.model.init import init_layout_independent

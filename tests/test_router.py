@@ -1,5 +1,4 @@
 """DeepSeek-V3 routing against a per-token brute-force oracle, and the megatron-core difference it fixes."""
-import itertools
 
 import pytest
 import torch

@@ -75,7 +75,7 @@ def flag(dest: str) -> str:
 def megatron_defaults(cfg: DSV3Config, cuda: bool) -> dict:
     """Megatron-LM flag values (by dest) describing `cfg`, the architecture the dsv3 spec builds, and DeepSeek's
     recipe where Megatron-LM's defaults differ; the parser's defaults whenever the dsv3 spec is requested."""
-    from megatron_dsv3.model.backends import te_available
+    from megatron_dsv3 import runtime
 
     values = {dest: getattr(cfg, field) for dest, field in DIRECT.items()}
     values["mtp_num_layers"] = cfg.num_nextn_predict_layers or None
@@ -95,7 +95,7 @@ def megatron_defaults(cfg: DSV3Config, cuda: bool) -> dict:
         # DeepSeek-V3's recipe where Megatron-LM's defaults differ.
         hidden_dropout=0.0, attention_dropout=0.0, moe_router_dtype="fp32", moe_token_dispatcher_type="alltoall",
         moe_router_load_balancing_type=["seq_aux_loss"],
-        transformer_impl="transformer_engine" if te_available() else "local",
+        transformer_impl="transformer_engine" if runtime.te_available() else "local",
     )
     if not cuda:  # gloo; fused kernels that need a GPU off (the FP32 weight-gradient fusion has a CPU stand-in)
         values.update(distributed_backend="gloo", use_cpu_initialization=True, apply_rope_fusion=False,
@@ -273,17 +273,17 @@ def check_flags(args: argparse.Namespace, explicit: set[str], cfg: DSV3Config) -
     """Everything about the flags that can be refused before Megatron-LM validates them; returns the backend
     and FP8 `build_model` arguments."""
     from megatron_dsv3.fp8.recipe import fp8_model_kwargs
-    from megatron_dsv3.model.backends import te_available
+    from megatron_dsv3 import runtime
 
     requested = resolve_backend(args, explicit)
-    if requested == "te" and not te_available():
+    if requested == "te" and not runtime.te_available():
         origin = "--dsv3-backend te" if getattr(args, "dsv3_backend", None) else "--transformer-impl transformer_engine"
         raise UsageError(f"{origin}: needs Transformer Engine and a CUDA GPU; use --transformer-impl local")
     try:
         kwargs = fp8_model_kwargs(args, explicit, requested)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    kwargs["backend"] = kwargs["backend"] or ("te" if te_available() else "local")
+    kwargs["backend"] = kwargs["backend"] or ("te" if runtime.te_available() else "local")
     check_supported(args, explicit, cfg, kwargs["backend"],
                     local_fp8=kwargs.get("fp8_recipe") is not None and kwargs["backend"] == "local")
     return kwargs

@@ -28,7 +28,7 @@ def fp8_model_kwargs(args, explicit: set, backend: Optional[str]) -> dict:
     it on). `backend` is the requested one ('local', 'te' or None for automatic). Raises ValueError, naming
     the flag, for combinations this machine cannot run.
     """
-    from megatron_dsv3.model.backends import te_available
+    from megatron_dsv3 import runtime
 
     no_scaling = bool(getattr(args, "fp8_no_scaling_control", False))
     wanted = "fp8_recipe" in explicit or "fp8" in explicit
@@ -38,7 +38,7 @@ def fp8_model_kwargs(args, explicit: set, backend: Optional[str]) -> dict:
         return {"backend": backend}
     recipe = _name(getattr(args, "fp8_recipe", None)) or "delayed"
     fmt = _name(getattr(args, "fp8", None)) or "e4m3"
-    use_te = backend == "te" or (backend is None and te_available())
+    use_te = backend == "te" or (backend is None and runtime.te_available())
     if use_te:
         if no_scaling:
             raise ValueError("--fp8-no-scaling-control: only for the local blockwise FP8 linears "

@@ -16,7 +16,6 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-import torch
 
 from megatron_dsv3.checkpoint.dist import CheckpointError
 from megatron_dsv3.cli.errors import UsageError, exit_on_usage_error

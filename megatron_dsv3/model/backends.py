@@ -1,16 +1,15 @@
 """Module classes per implementation: specs are written once against `Backend`, never with `if te` chains."""
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Optional
 
-import torch
 from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
 from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.moe.experts import SequentialMLP
 
+from megatron_dsv3 import runtime
 from megatron_dsv3.attention.core_attention import MLACoreAttention
 from megatron_dsv3.model.norm import LatentRMSNorm, RMSNorm
 from megatron_dsv3.moe.grouped_experts import GroupedMLP
@@ -84,11 +83,6 @@ def _local_fp8(fp8_config) -> Backend:
 BACKENDS: dict[str, Callable[[], Backend]] = {"local": _local, "te": _te}
 
 
-def te_available() -> bool:
-    """Transformer Engine is usable: importable and a CUDA device present."""
-    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
-
-
 def get_backend(name: Optional[str] = None, fp8_recipe=None) -> Backend:
     """`local`, `te`, or None for TE when it is importable on a GPU, else local.
 
@@ -96,10 +90,10 @@ def get_backend(name: Optional[str] = None, fp8_recipe=None) -> Backend:
     'te', FP8 comes from megatron-core's config fields (fp8, fp8_recipe) instead, so it must stay None.
     """
     if name is None:
-        name = "te" if te_available() else "local"
+        name = "te" if runtime.te_available() else "local"
     if name not in BACKENDS:
         raise ValueError(f"backend: expected one of {sorted(BACKENDS)}, got {name!r}")
-    if name == "te" and not te_available():
+    if name == "te" and not runtime.te_available():
         raise ValueError("backend: 'te' needs Transformer Engine and a CUDA GPU; use 'local' on CPU")
     if fp8_recipe is not None:
         if name != "local":

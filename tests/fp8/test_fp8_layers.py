@@ -1,6 +1,5 @@
 """FP8 tensor-parallel linears, their spec wiring, the CLI recipe mapping and the native path's scale layouts."""
 import argparse
-import dataclasses
 
 import pytest
 import torch
@@ -213,7 +212,7 @@ def test_te_mapping_reaches_megatron_core_fields(monkeypatch):
         raise Stop
 
     monkeypatch.setattr(builder, "to_mcore_config", fake)
-    monkeypatch.setattr("megatron_dsv3.model.backends.te_available", lambda: True)
+    monkeypatch.setattr("megatron_dsv3.runtime.te_available", lambda: True)
     kw = model_kwargs_from_args(_ns(fp8_recipe="blockwise", fp8="e4m3"), {"fp8_recipe", "fp8"})
     assert kw == {"backend": "te", "fp8": "e4m3", "fp8_recipe": "blockwise"}
     with pytest.raises(Stop):
