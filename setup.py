@@ -13,9 +13,10 @@ setup(
         "numpy",
         "tqdm",
         "psutil",  # megatron-core distributed checkpointing needs it
+        "safetensors",  # dsv3-convert reads and writes Hugging Face checkpoints
     ],
     extras_require={
-        "test": ["pytest", "transformers>=5", "safetensors", "hypothesis"],
+        "test": ["pytest", "transformers>=5", "hypothesis"],
         "wandb": ["wandb"],
         "plot": ["matplotlib"],
         "te": ["transformer-engine[pytorch]>=2.3"],

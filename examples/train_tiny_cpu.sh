@@ -5,7 +5,7 @@
 # data-parallel ranks whose experts are split over an expert-parallel group of 2 (4 experts each).
 # 300 steps of 8 x 64 tokens on the built-in corpus; checkpoints every 100 steps and the wandb run (offline
 # unless WANDB_API_KEY is set) go to a fresh RUN_DIR (default runs/tiny-<time>), so no earlier run is
-# overwritten. Any extra arguments are appended, e.g.
+# overwritten; runs/latest links to the newest. Any extra arguments are appended, e.g.
 #   examples/train_tiny_cpu.sh --train-iters 50
 #   NPROC=2 EP=2 examples/train_tiny_cpu.sh
 #   NPROC=4 PP=2 SCHEDULE=dualpipev examples/train_tiny_cpu.sh --micro-batch-size 2 --global-batch-size 16
@@ -18,6 +18,8 @@ TP="${TP:-1}"         # tensor-parallel size
 PP="${PP:-1}"         # pipeline-parallel size
 SCHEDULE="${SCHEDULE:-1f1b}"   # pipeline schedule: 1f1b, dualpipe or dualpipev
 RUN_DIR="${RUN_DIR:-runs/tiny-$(date +%Y%m%d-%H%M%S)}"
+# runs/latest always points at the newest run: `dsv3-generate --load runs/latest/checkpoints ...`
+mkdir -p "$RUN_DIR" runs && ln -sfn "$(cd "$RUN_DIR" && pwd)" runs/latest
 
 ARGS=(
   --model-spec dsv3 --preset tiny

@@ -138,20 +138,14 @@ class _CPUStream:
 _DEFAULT_STREAM = _CPUStream()
 
 
-class _CudaLiteralsOnCPU(torch.overrides.TorchFunctionMode):
-    """Rewrites device="cuda" in tensor factory calls to the CPU, `t.cuda()` to `t`, and names CPU tensors'
-    `t.type()` as their CUDA type (checks like `param.type() == 'torch.cuda.BFloat16Tensor'`), while active."""
+class _CudaTypeNames(torch.overrides.TorchFunctionMode):
+    """While active, CPU tensors name their type as the CUDA one (`t.type()` == 'torch.cuda.FloatTensor')."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.Tensor.cuda:
-            return args[0]
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             name = func(*args)
             return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
-        device = kwargs.get("device")
-        if device is not None and torch.device(device).type == "cuda":
-            kwargs = {**kwargs, "device": "cpu"}
         return func(*args, **kwargs)
 
 
@@ -169,11 +163,11 @@ def _clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled
     torch._foreach_mul_(grads, clip_coeff)
 
 
-def _cuda_literals_on_cpu(fn):
-    """Run a megatron-core function whose body builds tensors with a literal device="cuda"."""
+def _with_cuda_type_names(fn):
+    """Run a megatron-core function that checks `param.type()` against CUDA type names."""
 
     def wrapped(*args, **kwargs):
-        with _CudaLiteralsOnCPU():
+        with _CudaTypeNames():
             return fn(*args, **kwargs)
 
     wrapped.__wrapped__ = fn
@@ -396,7 +390,7 @@ def apply_cpu_patches() -> None:
         return
     if torch.cuda.is_available():
         raise RuntimeError("apply_cpu_patches is for machines without CUDA")
-    from megatron.core.models.common.language_module.language_module import LanguageModule
+    from megatron.core import utils as mcore_utils
     from megatron.core.optimizer import clip_grads
     from megatron.core.optimizer import optimizer as mcore_optimizer
     from megatron.core.pipeline_parallel import schedules
@@ -428,34 +422,19 @@ def apply_cpu_patches() -> None:
     # split sizes (from _maybe_dtoh_and_synchronize) to tensor_parallel/mappings.py all_to_all.
     token_dispatcher.all_to_all = _split_sizes_as_lists(token_dispatcher.all_to_all)
 
-    # Literal device="cuda" tensors: optimizer/optimizer.py FP32Optimizer.__init__ (self._scale);
-    # optimizer/clip_grads.py get_grad_norm_fp32 / clip_grad_by_total_norm_fp32 / count_zeros_fp32
-    # (norm and overflow buffers, also imported by name into optimizer/optimizer.py);
-    # pipeline_parallel/schedules.py forward_backward_* (total_num_tokens counters).
-    # models/common/language_module/language_module.py setup_embeddings_and_output_layer moves the shared
-    # embedding to CUDA (weight.data.cuda()) before all-reducing it across pipeline stages.
-    LanguageModule.setup_embeddings_and_output_layer = _cuda_literals_on_cpu(
-        LanguageModule.setup_embeddings_and_output_layer)
-
-    # optimizer/optimizer.py MegatronOptimizer.has_grad_norm_group (flag tensor), reached from the
-    # step() of ChainedOptimizer / FP32Optimizer / MixedPrecisionOptimizer.
-    # ... and Float16OptimizerWithFloat16Params.__init__ (--bf16) also checks param.type() against CUDA names.
-    fp32_optimizer = mcore_optimizer.FP32Optimizer
-    fp32_optimizer.__init__ = _cuda_literals_on_cpu(fp32_optimizer.__init__)
+    # Literal device="cuda" tensors and torch.cuda calls: optimizer/optimizer.py (FP32Optimizer._scale, the
+    # has_grad_norm_group flag, found-inf buffers), optimizer/clip_grads.py get_grad_norm_fp32 /
+    # count_zeros_fp32 (norm and overflow buffers), utils.py local_multi_tensor_l2_norm (the norm they use
+    # without Apex/TE) and pipeline_parallel/schedules.py forward_backward_* (total_num_tokens counters): those
+    # modules see the CPU view of torch; the model's ops do not.
+    _route_torch_to_cpu([mcore_optimizer, clip_grads, schedules, mcore_utils])
+    # optimizer/optimizer.py Float16OptimizerWithFloat16Params.__init__ (--bf16/--fp16) accepts a parameter only
+    # if param.type() is a torch.cuda type name: its construction (once) sees CPU tensors named so.
     fp16_optimizer = mcore_optimizer.Float16OptimizerWithFloat16Params
-    fp16_optimizer.__init__ = _cuda_literals_on_cpu(fp16_optimizer.__init__)
-    for cls in (mcore_optimizer.ChainedOptimizer, fp32_optimizer, mcore_optimizer.MixedPrecisionOptimizer):
-        cls.step = _cuda_literals_on_cpu(cls.step)
-    # clip_grad_by_total_norm_fp32 also asserts each grad is a torch.cuda.FloatTensor: replaced outright.
-    for name in ("get_grad_norm_fp32", "count_zeros_fp32"):
-        wrapped = _cuda_literals_on_cpu(getattr(clip_grads, name))
-        setattr(clip_grads, name, wrapped)
-        setattr(mcore_optimizer, name, wrapped)
+    fp16_optimizer.__init__ = _with_cuda_type_names(fp16_optimizer.__init__)
+    # clip_grad_by_total_norm_fp32 asserts each grad is a torch.cuda.FloatTensor: replaced outright.
     clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
     mcore_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
-    for name in ("forward_backward_no_pipelining", "forward_backward_pipelining_without_interleaving",
-                 "forward_backward_pipelining_with_interleaving"):
-        setattr(schedules, name, _cuda_literals_on_cpu(getattr(schedules, name)))
 
     # tensor_parallel/layers.py imports the CUDA extension fused_weight_gradient_mlp_cuda for
     # gradient_accumulation_fusion (weight gradients accumulated into FP32 main_grad inside the GEMM, as BF16

@@ -48,8 +48,18 @@ def silence_irrelevant_notices() -> None:
             logger.addFilter(_DropMessages(starts))
 
 
+# What torch.distributed.checkpoint says on every one-process load (dsv3-generate, dsv3-convert).
+_CLI_MESSAGES = (
+    r"torch\.distributed is disabled, unavailable or uninitialized",
+    r"The argument order of load has been changed",
+    r"Please use DTensor instead and we are deprecating ShardedTensor",
+)
+
+
 def quiet_third_party() -> None:
     """For the command lines: megatron-core logs every parameter and config at INFO; keep stderr for us."""
     silence_irrelevant_notices()
+    for message in _CLI_MESSAGES:
+        warnings.filterwarnings("ignore", message=message)
     logging.getLogger("megatron").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=DeprecationWarning)

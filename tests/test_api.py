@@ -41,3 +41,15 @@ def test_unknown_spec_and_backend_raise_clear_errors(runtime):
         m.build_model(m.presets.get_preset("tiny"), backend="triton")
     with pytest.raises(ValueError, match="backend: 'te' needs Transformer Engine"):
         m.build_model(m.presets.get_preset("tiny"), backend="te")
+
+
+def test_readme_python_api_block_runs_as_pasted():
+    """The README's Public API example, cut out of the README and run unchanged."""
+    import re
+
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Public API", 1)[1]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    result = _python(block + "\nprint('ran', loss.shape, len(loads))\n")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ran torch.Size([2, 64])" in result.stdout

@@ -443,6 +443,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from megatron_dsv3.cli.errors import report_usage_error
+    from megatron_dsv3.notices import quiet_third_party
+
+    quiet_third_party()
     args = _parser().parse_args(argv)
     try:
         if args.command == "hf-to-mcore":
@@ -453,7 +457,7 @@ def main(argv=None) -> int:
             path = mcore_to_hf(args.input, args.output, fp8=args.fp8, max_shard_size=args.max_shard_size,
                                hf_config=args.hf_config, progress=not args.no_progress)
     except ConversionError as exc:
-        print(f"dsv3-convert: error: {exc}", file=sys.stderr)
+        report_usage_error("dsv3-convert", exc)
         return 2
     if _rank() == 0:
         print(json.dumps({"command": args.command, "output": str(path)}))

@@ -104,6 +104,9 @@ def run(argv: Sequence[str]) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    from megatron_dsv3.notices import quiet_third_party
+
+    quiet_third_party()
     argv = list(sys.argv[1:] if argv is None else argv)
     with exit_on_usage_error(PROG, CheckpointError):
         stats = run(argv)

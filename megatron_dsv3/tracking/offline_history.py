@@ -1,6 +1,10 @@
-"""Read an offline wandb run's history back without network (wandb ships no reader for .wandb files).
+"""Read an offline wandb run's history back without network.
 
-A .wandb file is a leveldb-log framed stream of protobuf `Record`s; history rows are its `history` records.
+wandb's Go core reads a run's .wandb file (for `wandb sync`), but the Python package installed here (0.31) has
+no public reader for it: `wandb.Api` needs the server, and a local reader (`wandb.beta.LocalApi`, wandb pull
+request #12745) is not in a release this project can require. A .wandb file is a leveldb-log framed stream of
+wandb's own protobuf `Record`s, decoded here with wandb's protobuf classes; history rows are its `history`
+records.
 """
 from __future__ import annotations
 
