@@ -7,6 +7,11 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 
+# DeepSeek's `topk_method`: noaux_tc (V3: a group scores the sum of its two best biased affinities),
+# group_limited_greedy (V2: a group scores its best affinity), greedy (no group limit).
+TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
+
+
 def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
     """YaRN magnitude correction 0.1 * mscale * ln(scale) + 1 (1 when the context is not extended)."""
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
@@ -64,6 +69,7 @@ class DSV3Config:
     routed_scaling_factor: float = 2.5
     norm_topk_prob: bool = True
     scoring_func: str = "sigmoid"
+    topk_method: str = "noaux_tc"  # group score: V3's sum of the top-2 biased scores; V2's group maximum
     first_k_dense_replace: int = 3
     num_nextn_predict_layers: int = 1
     rms_norm_eps: float = 1e-6
@@ -111,7 +117,35 @@ def _fail(field_name: str, message: str):
     raise ValueError(f"DSV3Config.{field_name}: {message}")
 
 
+def _check_types(obj, prefix: str) -> None:
+    """Each field holds its declared type: bool is not an int, NaN and infinities are not floats here."""
+    for f in dataclasses.fields(obj):
+        value, kind = getattr(obj, f.name), str(f.type)
+        optional = kind.startswith("Optional[")
+        kind = kind[len("Optional["):-1] if optional else kind
+        if value is None:
+            if not optional:
+                _fail(f"{prefix}{f.name}", f"expected {kind}, got None")
+            continue
+        if kind == "int":
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind == "float":
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        elif kind == "bool":
+            ok = isinstance(value, bool)
+        elif kind == "str":
+            ok = isinstance(value, str)
+        else:
+            continue  # nested configs are checked by their own validation
+        if not ok:
+            finite = " (finite)" if kind == "float" else ""
+            _fail(f"{prefix}{f.name}", f"expected {kind}{finite}, got {value!r} ({type(value).__name__})")
+
+
 def _validate(c: DSV3Config) -> None:
+    _check_types(c, "")
+    if isinstance(c.rope_scaling, YarnConfig):
+        _check_types(c.rope_scaling, "rope_scaling.")
     positive = [
         "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
         "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings",
@@ -172,6 +206,8 @@ def _validate_moe(c: DSV3Config) -> None:
         _fail("n_shared_experts", f"must be >= 0, got {c.n_shared_experts}")
     if c.scoring_func not in ("sigmoid", "softmax"):
         _fail("scoring_func", f"expected 'sigmoid' or 'softmax', got {c.scoring_func!r}")
+    if c.topk_method not in TOPK_METHODS:
+        _fail("topk_method", f"expected one of {', '.join(TOPK_METHODS)}, got {c.topk_method!r}")
     if c.routed_scaling_factor <= 0:
         _fail("routed_scaling_factor", f"must be > 0, got {c.routed_scaling_factor}")
     if c.n_routed_experts % c.expert_model_parallel_size:

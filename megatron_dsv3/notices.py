@@ -25,6 +25,7 @@ _LOG_RECORDS = {
     "megatron.core.models.gpt.gpt_model": ("GPTModel IS DEPRECATED",),
     "megatron.core.rerun_state_machine": ("Implicit initialization of Rerun State Machine",
                                           "RerunStateMachine initialized in mode"),
+    "megatron.core.dist_checkpointing.strategies.torch": ("MCore's async save is deprecated",),
 }
 
 

@@ -38,6 +38,6 @@ PRESETS: dict[str, DSV3Config] = {
 
 def get_preset(name: str) -> DSV3Config:
     """The preset called `name` (tiny, small, v2-lite, v3-671b)."""
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:
         raise ValueError(f"--preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]

@@ -219,8 +219,12 @@ def test_dualpipev_provider_and_schedule_reach_megatron_training(megatron_args, 
 
     monkeypatch.setattr(megatron_training, "get_forward_backward_func", megatron_training.get_forward_backward_func)
     monkeypatch.setattr(megatron_args, "pipeline_schedule", "dualpipev")
+    from megatron.core import parallel_state
+
     chunks = mlm.model_provider(pre_process=True, post_process=True)
     assert isinstance(chunks, list) and [c.dsv3_stage for c in chunks] == [(0, 2), (1, 2)]
+    # Megatron-LM's training_log reduces MoE metrics over model.pg_collection.pp: the real pipeline group
+    assert all(c.pg_collection.pp is parallel_state.get_pipeline_model_parallel_group() for c in chunks)
     chunks.model_type = "set by get_model"  # megatron.training does this to whatever the provider returns
     forward_backward = megatron_training.get_forward_backward_func(schedule_pg_collection=None)
     cfg = get_preset("tiny")

@@ -53,3 +53,41 @@ def test_bias_steers_selection_but_not_gates():
     gates, idx = deepseek_topk(logits, 2, expert_bias=bias, scaling_factor=1.0)
     assert set(idx[0].tolist()) == {6, 7}
     assert torch.allclose(gates, torch.full((1, 2), 0.5))
+
+
+def _v2_group_limited_greedy(logits, topk, n_group, topk_group):
+    """DeepSeek-V2's routing, token by token: softmax over all experts, keep the topk_group groups whose best
+    score is highest, take the top-k experts among them; gates are the (unnormalised) softmax scores."""
+    out = []
+    for row in torch.softmax(logits.double(), dim=-1):
+        per_group = row.view(n_group, -1)
+        kept = sorted(range(n_group), key=lambda g: -per_group[g].max().item())[:topk_group]
+        allowed = [g * per_group.shape[1] + i for g in kept for i in range(per_group.shape[1])]
+        chosen = sorted(allowed, key=lambda e: -row[e].item())[:topk]
+        out.append({e: row[e].item() for e in chosen})
+    return out
+
+
+def test_v2_group_limited_greedy_scores_a_group_by_its_maximum():
+    """`topk_method: group_limited_greedy` (DeepSeek-V2) from a config.json routes as the official rule."""
+    from megatron_dsv3.checkpoint.hf import config_from_hf
+    from megatron_dsv3.config import DSV3Config
+
+    torch.manual_seed(3)
+    logits = torch.randn(64, 16)
+    gates, idx = deepseek_topk(logits, 6, score_function="softmax", num_groups=4, group_topk=2,
+                               norm_topk_prob=False, group_score="max")
+    differs_from_v3 = False
+    _, v3 = deepseek_topk(logits, 6, score_function="softmax", num_groups=4, group_topk=2, norm_topk_prob=False)
+    for t, expected in enumerate(_v2_group_limited_greedy(logits, 6, 4, 2)):
+        got = dict(zip(idx[t].tolist(), gates[t].tolist()))
+        assert got.keys() == expected.keys()
+        assert all(got[e] == pytest.approx(expected[e], rel=1e-6) for e in got)
+        differs_from_v3 |= set(v3[t].tolist()) != set(expected)
+    assert differs_from_v3  # the two group scores disagree on these logits, so the test can fail
+    base = DSV3Config().__dict__
+    hf = {k: v for k, v in base.items() if k != "rope_scaling"} | {"topk_method": "group_limited_greedy",
+                                                                    "scoring_func": "softmax", "hidden_act": "silu"}
+    assert config_from_hf(hf).topk_method == "group_limited_greedy"
+    with pytest.raises(ValueError, match="topk_method: expected one of"):
+        config_from_hf({**hf, "topk_method": "sinkhorn"})

@@ -60,7 +60,12 @@ class HFIndex:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (ValueError, KeyError, UnicodeDecodeError) as exc:
                 _fail(f"{index}: not a safetensors index ({type(exc).__name__}: {exc})")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                _fail(f"{index}: weight_map must map tensor names to shard file names")
             files = sorted(set(weight_map.values()))
+            outside = next((f for f in files if not (root / f).resolve().is_relative_to(root.resolve())), None)
+            if outside is not None:
+                _fail(f"{index}: weight_map names {outside!r}, outside --input {root}")
         elif (root / "model.safetensors").is_file():
             files = ["model.safetensors"]
         else:
@@ -132,6 +137,8 @@ def _convert_in(src: HFIndex, handles: dict, piece, dtype: Optional[torch.dtype]
         t = t.to(dtype)
     if piece.rope is not None and not interleaved:
         t = t[rope_order(*piece.rope, to_interleaved=True)]
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        _fail(f"{piece.hf_name}: holds NaN or Inf values; refusing to import them")
     return t
 
 

@@ -3,10 +3,12 @@
 Megatron-LM layout (`iter_0000100/`, `latest_checkpointed_iteration.txt`), published atomically by rank 0."""
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
 import random
+import re
 import secrets
 import shutil
 from pathlib import Path
@@ -17,6 +19,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.validation import save_integrity_manifest, verify_integrity_manifest
+from torch.distributed.checkpoint.api import CheckpointException
+
+from megatron_dsv3.checkpoint import safe_unpickle
 
 LATEST = "latest_checkpointed_iteration.txt"
 TRAIN_STATE = "train_state.json"
@@ -26,7 +31,8 @@ log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message starts with `--load: ` and names the path."""
+    """A checkpoint that cannot be loaded or saved; the message starts with `--load: ` or `--save: ` and names
+    the path."""
 
 
 def iteration_dir(root, iteration: int) -> Path:
@@ -82,22 +88,40 @@ def _sharded_state(model_chunks, optimizer, is_loading: bool) -> dict:
     return state
 
 
+def _rng_file(rank: int) -> str:
+    return f"rng_rank{rank}.json"
+
+
+def _bytes_of(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode()
+
+
+def _tensor_of(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
 def _rng_state() -> dict:
-    """This rank's random streams: python, numpy, torch CPU (and CUDA), megatron-core's tracker."""
-    state = {"random": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    """This rank's random streams (python, numpy, torch CPU and CUDA, megatron-core's tracker) as JSON values:
+    a checkpoint holds no pickle of ours, so loading one runs no code from it."""
+    version, keys, gauss = random.getstate()
+    kind, np_keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"random": [version, list(keys), gauss], "numpy": [kind, np_keys.tolist(), pos, has_gauss, cached],
+             "torch": _bytes_of(torch.get_rng_state()),
+             "tracker": {name: _bytes_of(t) for name, t in tensor_parallel.get_cuda_rng_tracker().get_states().items()}}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+        state["cuda"] = _bytes_of(torch.cuda.get_rng_state())
     return state
 
 
 def _set_rng_state(state: dict) -> None:
-    random.setstate(state["random"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    version, keys, gauss = state["random"]
+    random.setstate((version, tuple(keys), gauss))
+    kind, np_keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(np_keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_tensor_of(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+        torch.cuda.set_rng_state(_tensor_of(state["cuda"]))
+    tensor_parallel.get_cuda_rng_tracker().set_states({k: _tensor_of(v) for k, v in state["tracker"].items()})
 
 
 def _fsync_tree(path: Path) -> None:
@@ -150,6 +174,73 @@ def _publish(tmp: Path, final: Path, save_dir: Path, iteration: int) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
+def _write_shards(tmp: Path, model_chunks, optimizer, scheduler, iteration: int, train_state: dict, rank: int,
+                  world: int) -> None:
+    """Every rank writes its shards and RNG state into `tmp`; rank 0 adds the metadata and integrity record."""
+    state = _sharded_state(model_chunks, optimizer, is_loading=False)
+    state["iteration"] = iteration
+    state["checkpoint_format"] = FORMAT
+    if scheduler is not None:
+        state["opt_param_scheduler"] = scheduler.state_dict()
+    dist_checkpointing.save(state, str(tmp))
+
+    _write_text(tmp / _rng_file(rank), json.dumps(_rng_state()))
+    _barrier()  # every rank's RNG file is written before rank 0 records the hashes
+    if rank == 0:  # then hash every top-level file, ours included, for the load-time integrity check
+        meta = json.loads((tmp / META).read_text())
+        meta.update(format=FORMAT, iteration=iteration, world_size=world,
+                    tp=parallel_state.get_tensor_model_parallel_world_size(),
+                    pp=parallel_state.get_pipeline_model_parallel_world_size(),
+                    ep=parallel_state.get_expert_model_parallel_world_size(),
+                    has_optimizer=optimizer is not None, has_scheduler=scheduler is not None)
+        _write_text(tmp / META, json.dumps(meta, indent=1, sort_keys=True))
+        _write_text(tmp / TRAIN_STATE, json.dumps(train_state, indent=1, sort_keys=True))
+        save_integrity_manifest(str(tmp))
+    _barrier()
+    _fsync_tree(tmp)  # every rank, so shards written on other nodes are durable too
+    _barrier()
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The OSError under megatron-core's `RuntimeError: Worker failure ...` wrappers, if there is one."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    match = re.search(r"(\[Errno \d+\][^'\\]*)", str(exc))
+    return OSError(match.group(1)) if match else exc
+
+
+def _raise_on_any_rank(error: Optional[str], save_dir: Path, tmp: Path) -> None:
+    """If any rank failed to write, all raise one CheckpointError naming the folder and the cause, after rank 0
+    removed the partial write; the previous checkpoint and `latest` are untouched."""
+    errors = [error] if _world() == 1 else [None] * _world()
+    if _world() > 1:
+        dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e is not None), None)
+    if first is None:
+        return
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    raise CheckpointError(f"--save: {save_dir}: writing iteration {tmp.name.split('.tmp-')[0]} failed ({first}); "
+                          f"the previous checkpoint and {LATEST} are unchanged")
+
+
+def remove_leftovers(save_dir: Path) -> None:
+    """Folders of interrupted writes (`iter_N.tmp-*`), and copies set aside by an interrupted overwrite
+    (`iter_N.old-*`) once `iter_N` is complete again; a complete checkpoint is never touched."""
+    if not save_dir.is_dir():
+        return
+    for tmp in save_dir.glob("iter_*.tmp-*"):
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+    for aside in save_dir.glob("iter_*.old-*"):
+        complete = save_dir / aside.name.split(".old-")[0] / "integrity.json"
+        if aside.is_dir() and complete.is_file():
+            shutil.rmtree(aside, ignore_errors=True)
+
+
 def save_checkpoint(save_dir, iteration: int, model_chunks: Sequence, optimizer=None, scheduler=None,
                     train_state: Optional[dict] = None) -> str:
     """Save model, optimizer, scheduler, train_state and per-rank RNG; return the iteration dir.
@@ -166,32 +257,20 @@ def save_checkpoint(save_dir, iteration: int, model_chunks: Sequence, optimizer=
     nonce = _broadcast(secrets.token_hex(6) if rank == 0 else None)
     final = iteration_dir(save_dir, iteration)
     tmp = final.with_name(f"{final.name}.tmp-{nonce}")
+    error = None
     if rank == 0:
-        tmp.mkdir(parents=True)
-    _barrier()
-
-    state = _sharded_state(model_chunks, optimizer, is_loading=False)
-    state["iteration"] = iteration
-    state["checkpoint_format"] = FORMAT
-    if scheduler is not None:
-        state["opt_param_scheduler"] = scheduler.state_dict()
-    dist_checkpointing.save(state, str(tmp))
-
-    (tmp / "rng").mkdir(exist_ok=True)
-    torch.save(_rng_state(), tmp / "rng" / f"rank{rank}.pt")
-    if rank == 0:  # then hash every top-level file, ours included, for the load-time integrity check
-        meta = json.loads((tmp / META).read_text())
-        meta.update(format=FORMAT, iteration=iteration, world_size=world,
-                    tp=parallel_state.get_tensor_model_parallel_world_size(),
-                    pp=parallel_state.get_pipeline_model_parallel_world_size(),
-                    ep=parallel_state.get_expert_model_parallel_world_size(),
-                    has_optimizer=optimizer is not None, has_scheduler=scheduler is not None)
-        _write_text(tmp / META, json.dumps(meta, indent=1, sort_keys=True))
-        _write_text(tmp / TRAIN_STATE, json.dumps(train_state, indent=1, sort_keys=True))
-        save_integrity_manifest(str(tmp))
-    _barrier()
-    _fsync_tree(tmp)  # every rank, so shards written on other nodes are durable too
-    _barrier()
+        try:
+            remove_leftovers(save_dir)
+            tmp.mkdir(parents=True)
+        except OSError as exc:
+            error = _brief(exc)
+    _raise_on_any_rank(error, save_dir, tmp)
+    try:
+        _write_shards(tmp, model_chunks, optimizer, scheduler, iteration, train_state, rank, world)
+        error = None
+    except (Exception, CheckpointException) as exc:  # a full disk, a read-only or vanished folder, ...
+        error = _brief(_root_cause(exc))
+    _raise_on_any_rank(error, save_dir, tmp)
 
     error = None
     if rank == 0:
@@ -201,9 +280,22 @@ def save_checkpoint(save_dir, iteration: int, model_chunks: Sequence, optimizer=
             error = _brief(exc)
     error = _broadcast(error)
     if error is not None:
-        raise RuntimeError(f"save_checkpoint: publishing {tmp} as {final} failed ({error}); "
-                           f"{save_dir / LATEST} is unchanged")
+        raise CheckpointError(f"--save: {save_dir}: publishing {tmp.name} as {final.name} failed ({error}); "
+                              f"{LATEST} is unchanged")
     return str(final)
+
+
+def check_writable(save_dir) -> None:
+    """Before training: `save_dir` can be created and written (so a bad --save fails now, not at the first
+    save); raises CheckpointError naming it."""
+    save_dir = Path(save_dir).absolute()
+    try:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        probe = save_dir / f".write-test-{secrets.token_hex(4)}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise CheckpointError(f"--save: {save_dir}: not a writable directory ({_brief(exc)})") from None
 
 
 def _fail(path, problem: str):
@@ -247,13 +339,71 @@ def _read_json(path: Path) -> dict:
         _fail(path, f"corrupt JSON ({exc})")
 
 
+# What megatron-core writes into an iteration directory, besides our JSON files; anything else (a planted file,
+# the pickled RNG of checkpoints before megatron_dsv3 0.2) is refused before anything is read.
+_MCORE_FILES = re.compile(r"(\.metadata|integrity\.json|common\.pt|metadata\.json|__\d+_\d+\.distcp)$")
+
+
+def _refuse_foreign_files(path: Path) -> None:
+    """Every file must be one the checkpoint format names and the integrity record covers; `.metadata` is
+    a pickle, so its classes are checked against torch DCP's and megatron-core's before torch unpickles it."""
+    recorded = set(_read_json(path / "integrity.json").get("files", {}))
+    for entry in sorted(path.iterdir()):
+        ours = entry.name in (META, TRAIN_STATE) or re.fullmatch(r"rng_rank\d+\.json", entry.name)
+        if entry.is_dir() or not (ours or _MCORE_FILES.fullmatch(entry.name)):
+            _fail(entry, "not a file of this checkpoint format (a checkpoint from an older megatron_dsv3 keeps "
+                         "its RNG as a pickle: load it with --no-load-rng after removing rng/)")
+        if entry.name != "integrity.json" and entry.name not in recorded:
+            _fail(entry, "not covered by the checkpoint's integrity record")
+    try:
+        safe_unpickle.check(path / ".metadata")
+    except safe_unpickle.UnsafePickle as exc:
+        _fail(path / ".metadata", str(exc))
+
+
+def peek_train_state(load_dir) -> dict:
+    """The train_state.json of the `latest` checkpoint under `load_dir`, read before anything is loaded."""
+    _, path = _resolve(Path(load_dir).absolute())
+    return _read_json(path / TRAIN_STATE)
+
+
+def _check_model_matches(path: Path, model_states: list) -> None:
+    """The checkpoint holds exactly the requested model's tensors, with the same global shapes: the first
+    tensor that is missing, extra or of another shape is named with both shapes."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    def tensors(entries):  # a factory (e.g. a gated fc1 kept as two halves) builds the tensors it stores
+        for entry in entries:
+            if isinstance(entry, ShardedTensorFactory):
+                yield from tensors(nested_values(entry.build()))
+            elif isinstance(entry, ShardedTensor):
+                yield entry
+
+    try:
+        saved = dist_checkpointing.load_tensors_metadata(str(path))
+    except (Exception, CheckpointException) as exc:
+        _fail(path, f"unreadable tensor index ({_brief(exc)})")
+    saved = {k: tuple(v.global_shape) for k, v in saved.items() if not k.startswith("optimizer.")}
+    wanted = {t.key: tuple(t.global_shape) for st in model_states for t in tensors(nested_values(st))}
+    for key in sorted(wanted.keys() | saved.keys()):
+        if wanted.get(key) != saved.get(key):
+            have, want = saved.get(key, "absent"), wanted.get(key, "absent")
+            _fail(path, f"does not match the requested model: tensor {key} is {have} in the checkpoint and {want} "
+                        "in the model (check --preset and the shape flags; --dist-ckpt-strictness ignore_all "
+                        "loads what matches)")
+
+
 def load_checkpoint(load_dir, model_chunks: Sequence, optimizer=None, scheduler=None, *,
-                    load_rng: bool = True) -> dict:
+                    load_rng: bool = True, partial: bool = False) -> dict:
     """Load the `latest` checkpoint into model (strict), optimizer, scheduler and RNG; return train_state.
 
-    Files are checked (existence, JSON, SHA-256) before anything is changed; problems raise CheckpointError."""
+    Files are checked (existence, JSON, SHA-256, no foreign or pickled files, the model's tensor names and
+    shapes) before anything is changed; problems raise CheckpointError. `partial` skips the shape check."""
     model_chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     iteration, path = _resolve(Path(load_dir).absolute())
+    if _rank() == 0:
+        remove_leftovers(Path(load_dir).absolute())
     try:
         verify_integrity_manifest(str(path))
     except Exception as exc:
@@ -264,34 +414,35 @@ def load_checkpoint(load_dir, model_chunks: Sequence, optimizer=None, scheduler=
         _fail(path, "was saved without optimizer state")
     if scheduler is not None and not meta.get("has_scheduler", True):
         _fail(path, "was saved without scheduler state")
+    _refuse_foreign_files(path)
     rng = None
     if load_rng and meta.get("world_size") == _world():
-        rng_file = path / "rng" / f"rank{_rank()}.pt"
-        if not rng_file.is_file():
-            _fail(rng_file, "missing (incomplete checkpoint)")
-        try:
-            rng = torch.load(rng_file, weights_only=False)
-        except Exception as exc:  # torch reports truncation as several different errors
-            _fail(rng_file, f"corrupt RNG state ({_brief(exc)})")
+        rng = _read_json(path / _rng_file(_rank()))
     elif load_rng:
         log.warning("--load: %s was saved with world size %s, now %s: RNG states are not restored",
                     path, meta.get("world_size"), _world())
 
     state = _sharded_state(model_chunks, optimizer, is_loading=True)
+    if not partial:
+        _check_model_matches(path, [state[_model_key(i, len(model_chunks))] for i in range(len(model_chunks))])
     if scheduler is not None:
         state["opt_param_scheduler"] = {}
     try:
         loaded = dist_checkpointing.load(state, str(path))
-    except Exception as exc:  # unreadable shards, tensors absent from the checkpoint, shape mismatch
+    except (Exception, CheckpointException) as exc:  # torch DCP's CheckpointException is a BaseException
         _fail(path, f"corrupt or incompatible shards ({_brief(exc)})")
 
     for i, chunk in enumerate(model_chunks):
-        _unwrap(chunk).load_state_dict(loaded[_model_key(i, len(model_chunks))], strict=True)
+        _unwrap(chunk).load_state_dict(loaded[_model_key(i, len(model_chunks))], strict=not partial)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None:
         scheduler.num_steps = 0  # megatron-core's load_state_dict adds the saved count to the current one
-        scheduler.load_state_dict(loaded["opt_param_scheduler"])
+        try:
+            scheduler.load_state_dict(loaded["opt_param_scheduler"])
+        except AssertionError as exc:  # megatron-core's check that flags and checkpoint agree
+            _fail(path, f"{exc}; pass --override-opt_param-scheduler to follow the flags or "
+                        "--use-checkpoint-opt_param-scheduler to keep the checkpoint's schedule")
     if rng is not None:
         _set_rng_state(rng)
     train_state.setdefault("iteration", iteration)

@@ -12,7 +12,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_dsv3.checkpoint.mapping import rope_order
-from megatron_dsv3.config import DSV3Config, YarnConfig
+from megatron_dsv3.config import TOPK_METHODS, DSV3Config, YarnConfig
 
 _SUPPORTED_ROPE = ("default", "yarn")
 
@@ -23,8 +23,19 @@ def _get(hf_config: Any, name: str, default=None):
     return getattr(hf_config, name, default)
 
 
+def _float(hf_config: Any, name: str, default=None) -> float:
+    """A number from the config, or a ValueError naming the field."""
+    value = _get(hf_config, name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name}: expected a number, got {value!r}")
+    return float(value)
+
+
 def _yarn_from_hf(hf_config: Any) -> YarnConfig | None:
     rope = _get(hf_config, "rope_parameters") or _get(hf_config, "rope_scaling") or {}
+    if not isinstance(rope, Mapping):
+        raise ValueError(f"rope_scaling: expected a mapping of YaRN parameters or null, got {type(rope).__name__} "
+                         f"{rope!r}")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in _SUPPORTED_ROPE:
         raise ValueError(f"rope_parameters.rope_type: expected one of {_SUPPORTED_ROPE}, got {rope_type!r}")
@@ -45,13 +56,29 @@ def _yarn_from_hf(hf_config: Any) -> YarnConfig | None:
     )
 
 
+def _topk_method(hf_config) -> str:
+    """DeepSeek's `topk_method` (V3 configs say noaux_tc; V2 says group_limited_greedy or greedy)."""
+    method = _get(hf_config, "topk_method", "noaux_tc")
+    if method not in TOPK_METHODS:
+        raise ValueError(f"topk_method: expected one of {', '.join(TOPK_METHODS)}, got {method!r}")
+    return method
+
+
 def config_from_hf(hf_config: Any, **overrides) -> DSV3Config:
     """DSV3Config from a `transformers.DeepseekV3Config` or a DeepSeek `config.json` dict."""
     if _get(hf_config, "attention_bias", False):
         raise ValueError("attention_bias: DeepSeek-V3 attention has no biases; attention_bias=True is unsupported")
     if _get(hf_config, "hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act: expected 'silu', got {_get(hf_config, 'hidden_act')!r}")
+    try:
+        return _config_from_hf(hf_config, overrides)
+    except TypeError as err:  # e.g. float(None) for a missing rms_norm_eps
+        raise ValueError(f"config.json: {err}") from None
+
+
+def _config_from_hf(hf_config: Any, overrides: dict) -> DSV3Config:
     rope = _get(hf_config, "rope_parameters") or {}
+    rope = rope if isinstance(rope, Mapping) else {}
     mtp_layers = _get(hf_config, "num_nextn_predict_layers", _get(hf_config, "num_mtp_layers", 0))
     fields = dict(
         vocab_size=_get(hf_config, "vocab_size"),
@@ -70,16 +97,17 @@ def config_from_hf(hf_config: Any, **overrides) -> DSV3Config:
         num_experts_per_tok=_get(hf_config, "num_experts_per_tok"),
         n_group=_get(hf_config, "n_group") or 1,
         topk_group=_get(hf_config, "topk_group") or 1,
-        routed_scaling_factor=float(_get(hf_config, "routed_scaling_factor", 1.0)),
+        routed_scaling_factor=_float(hf_config, "routed_scaling_factor", 1.0),
         norm_topk_prob=bool(_get(hf_config, "norm_topk_prob", True)),
         scoring_func=_get(hf_config, "scoring_func", "sigmoid"),
+        topk_method=_topk_method(hf_config),
         first_k_dense_replace=_get(hf_config, "first_k_dense_replace") or 0,
         num_nextn_predict_layers=mtp_layers or 0,
-        rms_norm_eps=float(_get(hf_config, "rms_norm_eps")),
+        rms_norm_eps=_float(hf_config, "rms_norm_eps"),
         rope_theta=float(rope.get("rope_theta") or _get(hf_config, "rope_theta", 10000.0)),
         max_position_embeddings=_get(hf_config, "max_position_embeddings"),
         rope_scaling=_yarn_from_hf(hf_config),
-        initializer_range=float(_get(hf_config, "initializer_range", 0.006)),
+        initializer_range=_float(hf_config, "initializer_range", 0.006),
         tie_word_embeddings=bool(_get(hf_config, "tie_word_embeddings", False)),
     )
     fields.update(overrides)
@@ -225,6 +253,10 @@ def load_hf_state_dict(model: torch.nn.Module, hf_state_dict: Mapping[str, torch
     if unexpected:
         raise ValueError(f"Hugging Face state dict: unexpected tensor {unexpected[0]!r}"
                          + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    bad = next((n for n, t in hf_state_dict.items() if t.is_floating_point() and not torch.isfinite(t.float()).all()),
+               None)
+    if bad is not None:
+        raise ValueError(f"Hugging Face state dict: tensor {bad!r} holds NaN or Inf values")
     own = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     for name, tensor in own.items():
         if name not in target:

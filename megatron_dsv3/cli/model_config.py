@@ -68,8 +68,13 @@ FLAG_OF_FIELD.update({
 })
 
 
+# dest -> the option string Megatron-LM's parser uses for it (filled in when the parser is built; most are the
+# dest with dashes, some are not: layernorm_epsilon is --norm-epsilon, fp8 is --fp8-format).
+FLAG_NAMES: dict[str, str] = {}
+
+
 def flag(dest: str) -> str:
-    return "--" + dest.replace("_", "-")
+    return FLAG_NAMES.get(dest) or "--" + dest.replace("_", "-")
 
 
 def megatron_defaults(cfg: DSV3Config, cuda: bool) -> dict:

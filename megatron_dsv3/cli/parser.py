@@ -17,7 +17,7 @@ import torch
 
 from megatron_dsv3 import registry
 from megatron_dsv3.cli.errors import UsageError
-from megatron_dsv3.cli.model_config import megatron_defaults
+from megatron_dsv3.cli.model_config import FLAG_NAMES, megatron_defaults
 from megatron_dsv3.config import DSV3Config
 from megatron_dsv3.pipeline.dual import SCHEDULES as PIPELINE_SCHEDULES
 from megatron_dsv3.presets import PRESETS, get_preset
@@ -108,6 +108,7 @@ def dsv3_parser_provider(argv: Sequence[str], *, implied: bool, extra: Optional[
         if implied or dsv3_requested(argv):
             install_dsv3_defaults(parser, argv)
             parser.error = _raise_usage_error  # not a 700-line usage dump before the one-line message
+        FLAG_NAMES.update({a.dest: a.option_strings[0] for a in parser._actions if a.option_strings})
         if remember is not None:
             remember["parser"] = parser
         return parser

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from typing import Optional, Sequence
 
@@ -77,13 +78,24 @@ def run(argv: Sequence[str]) -> dict:
         raise UsageError("--speculative: greedy only; drop --temperature or pass --greedy")
     if not 0 < args.top_p <= 1:
         raise UsageError(f"--top-p: must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise UsageError(f"--top-k: must be >= 0 (0 keeps every token), got {args.top_k}")
+    if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UsageError(f"--temperature: must be a finite number >= 0, got {args.temperature}")
     cfg = config_from_args(args, explicit)
     tok = ByteTokenizer()
     if cfg.vocab_size < tok.vocab_size:
         raise UsageError(f"--vocab-size: the model's vocabulary ({cfg.vocab_size}) is smaller than the byte "
                          f"tokenizer's ({tok.vocab_size})")
     ids = tok.tokenize(args.prompt)
-    capacity = args.capacity or len(ids) + args.max_new_tokens + 1
+    needed = len(ids) + args.max_new_tokens + 1
+    if needed > cfg.max_position_embeddings:
+        raise UsageError(f"--max-new-tokens: the prompt ({len(ids)} tokens) plus {args.max_new_tokens} new tokens "
+                         f"exceed the model's position limit --max-position-embeddings {cfg.max_position_embeddings}")
+    if args.capacity is not None and args.capacity < needed:
+        raise UsageError(f"--capacity: {args.capacity} cache positions cannot hold the prompt and the new tokens "
+                         f"({needed})")
+    capacity = args.capacity or needed
     model, state = load_model(args.load, cfg, seed=args.seed, backend=getattr(args, "dsv3_backend", None) or "local")
     engine = InferenceEngine(model, capacity=capacity)
     eos = tok.eod if args.stop_at_eod else None

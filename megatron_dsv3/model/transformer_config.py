@@ -18,6 +18,7 @@ class DSV3TransformerConfig(MLATransformerConfig):
     local backend's FP8 recipe."""
 
     moe_router_norm_topk_prob: bool = True
+    moe_router_group_score: str = "top2_sum"  # or "max" (DeepSeek-V2's group_limited_greedy)
     mla_latent_norm_eps: float = 1e-6
     local_fp8: Optional[Any] = None  # the local backend's block-scaled FP8 linears (megatron_dsv3.fp8.FP8Config)
 
@@ -63,6 +64,7 @@ def architecture_fields(cfg: DSV3Config) -> dict:
             moe_router_score_function=cfg.scoring_func,
             moe_router_topk_scaling_factor=cfg.routed_scaling_factor,
             moe_router_norm_topk_prob=cfg.norm_topk_prob,
+            moe_router_group_score="max" if cfg.topk_method == "group_limited_greedy" else "top2_sum",
             moe_router_bias_update_rate=cfg.bias_update_speed,
             moe_aux_loss_coeff=cfg.seq_aux_alpha,
         )

@@ -18,11 +18,13 @@ def deepseek_topk(
     group_topk: int = 1,
     norm_topk_prob: bool = True,
     scaling_factor: float = 1.0,
+    group_score: str = "top2_sum",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Select experts as DeepSeek-V3 does; returns (gates [T, k], expert indices [T, k]).
 
     The bias only steers selection; gates come from the unbiased scores. A group is scored by the sum of its
-    two best biased scores whatever topk/group_topk is (megatron-core uses topk // group_topk instead).
+    two best biased scores whatever topk/group_topk is (megatron-core uses topk // group_topk instead), or
+    with `group_score="max"` by its best score (DeepSeek-V2's group_limited_greedy).
     """
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32, or fp64 if the router runs so
     if score_function == "sigmoid":
@@ -35,7 +37,10 @@ def deepseek_topk(
     if num_groups > 1:
         num_tokens, num_experts = choice.shape
         grouped = choice.view(num_tokens, num_groups, num_experts // num_groups)
-        group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
+        if group_score == "max":
+            group_scores = grouped.amax(dim=-1)
+        else:
+            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
         kept_groups = group_scores.topk(group_topk, dim=-1, sorted=False).indices
         group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept_groups, True)
         expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(num_tokens, num_experts)
@@ -72,6 +77,7 @@ class DeepSeekRouter(TopKRouter):
             norm_topk_prob=self.config.moe_router_norm_topk_prob or (
                 self.score_function == "softmax" and not self.config.moe_router_pre_softmax),
             scaling_factor=self.config.moe_router_topk_scaling_factor or 1.0,
+            group_score=getattr(self.config, "moe_router_group_score", "top2_sum"),
         )
         probs = torch.zeros_like(logits, dtype=gates.dtype).scatter(1, indices, gates)
         routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter(1, indices, True)

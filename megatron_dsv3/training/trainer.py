@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import re
 import time
 from typing import Optional
 
@@ -13,13 +16,18 @@ from megatron.core.transformer.module import Float16Module
 from tqdm import tqdm
 
 from megatron_dsv3 import data, runtime
-from megatron_dsv3.checkpoint.dist import load_checkpoint, save_checkpoint
+from megatron_dsv3.checkpoint.dist import check_writable, load_checkpoint, peek_train_state, save_checkpoint
 from megatron_dsv3.cli.errors import UsageError
 from megatron_dsv3.model.builder import build_model
 from megatron_dsv3.model.init import init_layout_independent
 from megatron_dsv3.pipeline.dual import DUAL_SCHEDULES, get_forward_backward_func
 from megatron_dsv3.pipeline.placement import build_chunks
+from megatron_dsv3.training.resume import check_resumed_schedule
 from megatron_dsv3.training.step import LoadCapture, evaluate, moe_and_mtp_metrics, train_step
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient: the run stops with one line naming the iteration."""
 
 
 class Trainer:
@@ -39,6 +47,8 @@ class Trainer:
             raise UsageError(f"--vocab-size: the model's vocabulary ({cfg.vocab_size}) is smaller than the "
                              f"tokenizer's ({self.tokenizer.vocab_size})")
         self.train_data, self.valid_data = self._datasets()
+        if settings.save and int(os.environ.get("RANK", "0")) == 0:
+            check_writable(settings.save)
         runtime.initialize(tp=cfg.tensor_model_parallel_size, pp=cfg.pipeline_model_parallel_size,
                            ep=cfg.expert_model_parallel_size, seed=settings.seed)
         self.rank = torch.distributed.get_rank()
@@ -66,9 +76,12 @@ class Trainer:
             # Megatron-LM's --finetune / --no-load-optim / --no-load-rng: converted or foreign checkpoints
             # carry weights only, and a fine-tune starts its own schedule from step 0.
             weights_only = args.finetune or args.no_load_optim
+            if not weights_only:
+                check_resumed_schedule(peek_train_state(settings.load).get("opt_param_scheduler"), self.scheduler,
+                                       args, settings.global_batch_size)
             state = load_checkpoint(settings.load, self.model_chunks, None if weights_only else self.optimizer,
                                     None if weights_only else self.scheduler,
-                                    load_rng=not (args.finetune or args.no_load_rng))
+                                    load_rng=not (args.finetune or args.no_load_rng), partial=settings.partial_load)
             if not args.finetune:
                 self.iteration = state.get("iteration", 0)
                 self.consumed_samples = state.get("consumed_samples", 0)
@@ -126,28 +139,52 @@ class Trainer:
         names = sorted(loads, key=lambda n: (n.startswith("mtp"), n))
         return torch.stack([loads[n] for n in names]), torch.stack([biases[n] for n in names]), names
 
-    def _save(self):
-        self.checkpoint = save_checkpoint(
-            self.settings.save, self.iteration, self.model_chunks, self.optimizer, self.scheduler,
-            {"iteration": self.iteration, "consumed_samples": self.consumed_samples})
-
-    def train(self) -> dict:
-        s = self.settings
-        train_iter = self._iterator(self.train_data, self.consumed_samples)
-        losses, rates, valid_loss = [], [], None
-        bar = tqdm(total=s.train_iters, initial=self.iteration, disable=self.rank != 0 or not self.args.progress,
-                   desc="dsv3-pretrain", mininterval=1.0, dynamic_ncols=True)
-        while self.iteration < s.train_iters:
-            start = time.perf_counter()
+    def _checked_step(self, train_iter) -> dict:
+        """One training step; with Megatron-LM's --check-for-nan-in-loss-and-grad (the default) a non-finite
+        loss or gradient stops the run here, before anything is saved, so the last good checkpoint stays."""
+        s, step = self.settings, self.iteration + 1
+        try:
             metrics = train_step(self.model_chunks, self.optimizer, self.scheduler, train_iter,
                                  num_microbatches=s.num_microbatches, seq_length=s.seq_length,
                                  micro_batch_size=s.micro_batch_size, global_batch_size=s.global_batch_size,
                                  forward_backward_func=self.forward_backward)
+        except RuntimeError as err:  # megatron-core DDP's gradient check (check_for_nan_in_grad)
+            found = re.search(r"found (NaN|Inf)[^']*", str(err))
+            if found is None:
+                raise
+            raise TrainingDiverged(self._diverged(step, found.group(0).strip())) from None
+        if self.args.check_for_nan_in_loss_and_grad:
+            bad = [k for k in ("lm_loss", "grad_norm") if not math.isfinite(metrics[k])]
+            if bad:
+                raise TrainingDiverged(self._diverged(step, ", ".join(f"{k} = {metrics[k]}" for k in bad)))
+        return metrics
+
+    def _diverged(self, step: int, what: str) -> str:
+        kept = self.checkpoint or self.settings.load or "none was saved"
+        return (f"training diverged at iteration {step}: {what}; stopped without saving (last checkpoint: {kept}); "
+                "lower --lr, or pass --no-check-for-nan-in-loss-and-grad to train on")
+
+    def _save(self):
+        self.checkpoint = save_checkpoint(
+            self.settings.save, self.iteration, self.model_chunks, self.optimizer, self.scheduler,
+            {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
+             "opt_param_scheduler": self.scheduler.state_dict()})
+
+    def train(self) -> dict:
+        s = self.settings
+        train_iter = self._iterator(self.train_data, self.consumed_samples)
+        losses, rates, lrs, valid_loss = [], [], [], None
+        bar = tqdm(total=s.train_iters, initial=self.iteration, disable=self.rank != 0 or not self.args.progress,
+                   desc="dsv3-pretrain", mininterval=1.0, dynamic_ncols=True)
+        while self.iteration < s.train_iters:
+            start = time.perf_counter()
+            metrics = self._checked_step(train_iter)
             self.iteration += 1
             self.consumed_samples += s.global_batch_size
             metrics.update(moe_and_mtp_metrics(self.mcore_config, s.num_microbatches, self.iteration))
             metrics["tokens_per_s"] = s.global_batch_size * s.seq_length / (time.perf_counter() - start)
             losses.append(metrics["lm_loss"])
+            lrs.append(metrics["lr"])
             rates.append(metrics["tokens_per_s"])
             moe = self._gather_moe() if self.tracker is not None else None
             if self.tracker is not None:
@@ -156,7 +193,8 @@ class Trainer:
                     self.tracker.log_moe(*moe, step=self.iteration)
             bar.set_postfix(loss=f"{metrics['lm_loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
             bar.update(1)
-            if s.eval_interval and (self.iteration % s.eval_interval == 0 or self.iteration == s.train_iters):
+            if s.eval_interval and s.eval_iters and (self.iteration % s.eval_interval == 0
+                                                     or self.iteration == s.train_iters):
                 valid_loss = evaluate(self.model_chunks, self._iterator(self.valid_data, 0), iters=s.eval_iters,
                                       num_microbatches=s.num_microbatches, seq_length=s.seq_length,
                                       micro_batch_size=s.micro_batch_size,
@@ -174,7 +212,7 @@ class Trainer:
         return {
             "steps": self.iteration, "first_lm_loss": losses[0] if losses else None,
             "final_lm_loss": losses[-1] if losses else None, "valid_lm_loss": valid_loss,
-            "tokens_per_s": sum(steady) / len(steady) if steady else None, "lm_losses": losses,
+            "tokens_per_s": sum(steady) / len(steady) if steady else None, "lm_losses": losses, "lrs": lrs,
             "checkpoint": self.checkpoint, "wandb_dir": self.tracker.run_dir if self.tracker else None,
         }
 
