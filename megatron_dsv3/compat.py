@@ -35,6 +35,49 @@ class PassesAsColumnParallelLinear(type):
     __hash__ = type.__hash__
 
 
+def _load_bytes_without_code(planner, read_item, value) -> None:
+    """torch/distributed/checkpoint/default_planner.py DefaultLoadPlanner.load_bytes (inherited by megatron-core's
+    dist_checkpointing/strategies/torch.py MCoreLoadPlanner) unpickles a checkpoint's non-tensor items with
+    `torch.load(weights_only=False)`, which runs whatever a file holds: loaded with weights_only=True instead
+    (tensors, containers and numbers; megatron-core's BytesIO-wrapped objects allowed)."""
+    import io
+
+    from torch.distributed.checkpoint._traverse import set_element
+
+    with torch.serialization.safe_globals([io.BytesIO]):
+        obj = torch.load(value, weights_only=True)
+    if planner.flatten_state_dict:
+        set_element(planner.original_state_dict, planner.mappings[read_item.dest_index.fqn], obj)
+    else:
+        planner.state_dict[read_item.dest_index.fqn] = obj
+
+
+@contextlib.contextmanager
+def in_process_write_results():
+    """While active, megatron-core's synchronous checkpoint writes collect their results in a plain queue.
+
+    dist_checkpointing/strategies/filesystem_async.py get_write_results_queue starts a multiprocessing Manager
+    (a spawned server process, plus Python's resource tracker) for a queue that a synchronous save only uses
+    from this process's writer threads: the processes cost seconds per save and outlive a kill -9."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    original = filesystem_async.get_write_results_queue
+    filesystem_async.get_write_results_queue = lambda *args, **kwargs: queue.Queue()
+    try:
+        yield
+    finally:
+        filesystem_async.get_write_results_queue = original
+
+
+def load_checkpoint_objects_without_code() -> None:
+    """Route megatron-core's checkpoint loads through `_load_bytes_without_code` (any machine). Idempotent."""
+    from megatron.core.dist_checkpointing.strategies.torch import MCoreLoadPlanner
+
+    MCoreLoadPlanner.load_bytes = _load_bytes_without_code
+
+
 def list_balancing_types_for_logging(args) -> None:
     """megatron/training/training.py training_log picks the MoE losses to report with
     `"aux_loss" in args.moe_router_load_balancing_type`, a substring test once validate_args has turned a

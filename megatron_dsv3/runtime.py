@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+from datetime import timedelta
 from typing import Optional
 
 import numpy as np
@@ -21,18 +22,22 @@ def te_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
-def _init_process_group(backend: str) -> None:
+def _init_process_group(backend: str, timeout: Optional[timedelta]) -> None:
+    extra = {} if timeout is None else {"timeout": timeout}
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend=backend, init_method="env://")
+        dist.init_process_group(backend=backend, init_method="env://", **extra)
     else:
-        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, **extra)
 
 
-def initialize(tp: int = 1, pp: int = 1, ep: int = 1, backend: Optional[str] = None, seed: int = 1234) -> None:
+def initialize(tp: int = 1, pp: int = 1, ep: int = 1, backend: Optional[str] = None, seed: int = 1234,
+               timeout_minutes: Optional[float] = None) -> None:
     """Initialise torch.distributed, megatron-core's model-parallel groups and RNG streams.
 
     Under torchrun the process group comes from env://; otherwise a one-process group is made. The backend
-    defaults to NCCL with CUDA and gloo without. Calling again with other sizes rebuilds the groups.
+    defaults to NCCL with CUDA and gloo without. `timeout_minutes` bounds every collective (Megatron-LM's
+    --distributed-timeout-minutes): a rank that waits longer for a dead peer raises instead of hanging.
+    Calling again with other sizes rebuilds the groups.
     """
     cuda = torch.cuda.is_available()
     compat.apply_no_te_patches()
@@ -41,7 +46,8 @@ def initialize(tp: int = 1, pp: int = 1, ep: int = 1, backend: Optional[str] = N
     if not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        _init_process_group(backend or ("nccl" if cuda else "gloo"))
+        timeout = None if timeout_minutes is None else timedelta(minutes=timeout_minutes)
+        _init_process_group(backend or ("nccl" if cuda else "gloo"), timeout)
     world = dist.get_world_size()
     for name, size in (("tp", tp), ("pp", pp), ("ep", ep)):
         if not isinstance(size, int) or size < 1:

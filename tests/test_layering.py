@@ -14,6 +14,7 @@ from tests.distributed import REPO
 
 PACKAGE = REPO / "megatron_dsv3"
 CLIS = {"megatron_dsv3.training.pretrain", "megatron_dsv3.checkpoint.convert", "megatron_dsv3.inference.cli",
+        "megatron_dsv3.inference.eplb_cli",
         "megatron_dsv3.megatron_lm"}
 ABOVE_MODEL_PIECES = ("megatron_dsv3.training", "megatron_dsv3.inference", "megatron_dsv3.tracking",
                       "megatron_dsv3.cli", *CLIS)

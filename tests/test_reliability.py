@@ -50,12 +50,40 @@ def test_nan_at_step_k_stops_at_k_and_keeps_the_last_good_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_a_longer_run_resumes_at_the_new_schedules_lr(saved, tmp_path):
-    refused = cli("--train-iters", "6", "--load", str(saved))
-    one_line_error(refused, "--train-iters", "--override-opt_param-scheduler")
+    """Refused in one line without a flag saying which schedule wins; with --override-opt_param-scheduler the
+    resumed steps run at the LRs of an uninterrupted 6-step schedule (megatron-core's scheduler as oracle)."""
+    import torch
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    one_line_error(cli("--train-iters", "6", "--load", str(saved)), "--train-iters", "--override-opt_param-scheduler")
     longer = summary(cli("--train-iters", "6", "--load", str(saved), "--override-opt_param-scheduler"))
-    straight = summary(cli("--train-iters", "6"))
-    assert longer["steps"] == 6 and longer["lrs"] == straight["lrs"][3:] and longer["lrs"][0] > 0
-    one_line_error(cli("--train-iters", "3", "--load", str(saved), "--lr", "1e-2"), "--lr:")
+    gbs = 8  # COMMON's --global-batch-size
+    oracle = OptimizerParamScheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0), init_lr=0.0,
+                                     max_lr=3e-3, min_lr=0.0, lr_warmup_steps=2 * gbs, lr_decay_steps=6 * gbs,
+                                     lr_decay_style="cosine", start_wd=0.01, end_wd=0.01, wd_incr_steps=6 * gbs,
+                                     wd_incr_style="constant")
+    expected = []
+    for _ in range(6):
+        oracle.step(increment=gbs)
+        expected.append(oracle.optimizer.param_groups[0]["lr"])
+    assert longer["steps"] == 6 and longer["lrs"] == pytest.approx(expected[3:], rel=1e-12) and longer["lrs"][0] > 0
+
+
+def test_another_lr_on_resume_is_refused_before_loading():
+    import argparse
+
+    from megatron_dsv3.cli import UsageError
+    from megatron_dsv3.training.resume import check_resumed_schedule
+
+    class Scheduler:
+        def state_dict(self):
+            return {"max_lr": 1e-2, "lr_decay_steps": 48}
+
+    args = argparse.Namespace(override_opt_param_scheduler=False, use_checkpoint_opt_param_scheduler=False)
+    with pytest.raises(UsageError, match="--lr: the checkpoint's LR schedule has max_lr = 0.003, the flags give 0.01"):
+        check_resumed_schedule({"max_lr": 3e-3, "lr_decay_steps": 48}, Scheduler(), args, 8)
+    args.override_opt_param_scheduler = True
+    check_resumed_schedule({"max_lr": 3e-3, "lr_decay_steps": 48}, Scheduler(), args, 8)
 
 
 @pytest.fixture(scope="module")
@@ -86,10 +114,14 @@ def test_a_checkpoint_of_another_model_is_refused_naming_the_tensor(model_checkp
     assert tensor in str(err.value) and "in the checkpoint and" in str(err.value)
 
 
-@pytest.mark.slow
-def test_a_mismatched_checkpoint_is_one_line_on_the_command_line(saved):
-    one_line_error(cli("--train-iters", "3", "--load", str(saved), "--finetune", "--num-layers", "2"),
-                   "does not match the requested model", "decoder.layers.2.")
+def test_a_mismatched_checkpoint_is_one_line_on_the_command_line(runtime, model_checkpoint, capsys):
+    from megatron_dsv3.training.pretrain import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([*COMMON, "--train-iters", "3", "--load", str(model_checkpoint), "--finetune", "--num-layers", "2"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not match the requested model" in err[0] and "decoder.layers.2." in err[0]
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -107,9 +139,9 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-@pytest.mark.parametrize("where,rehash", [(".metadata", False), (".metadata", True), ("rng/rank0.pt", True),
+@pytest.mark.parametrize("where,rehash", [(".metadata", False), (".metadata", True), ("rng/rank0.pt", True), ("common.pt", True),
                                           ("extra.pt", True), ("rng_rank0.json", True)],
-                         ids=["metadata", "metadata-rehashed", "old-rng-pickle", "extra-file", "rng-json"])
+                         ids=["metadata", "metadata-rehashed", "old-rng-pickle", "common-pt", "extra-file", "rng-json"])
 def test_a_planted_pickle_is_refused_and_never_runs(model_checkpoint, tmp_path, where, rehash):
     """Whatever file holds the payload, and even with the integrity record rewritten to match it."""
     import megatron_dsv3 as m
@@ -129,11 +161,19 @@ def test_a_planted_pickle_is_refused_and_never_runs(model_checkpoint, tmp_path, 
     assert not marker.exists()
 
 
-@pytest.mark.slow
-def test_a_planted_pickle_is_one_line_on_the_command_line(saved, tmp_path):
-    iteration = _copy(saved, tmp_path / "ckpt")
+def test_a_planted_pickle_is_one_line_on_the_command_line(runtime, model_checkpoint, tmp_path, capsys):
+    from megatron.core.dist_checkpointing.validation import save_integrity_manifest
+
+    from megatron_dsv3.training.pretrain import main
+
+    iteration = _copy(model_checkpoint, tmp_path / "ckpt")
     (iteration / ".metadata").write_bytes(pickle.dumps(_Payload(tmp_path / "PWNED")))
-    one_line_error(cli("--train-iters", "3", "--load", str(tmp_path / "ckpt")), "--load:", ".metadata")
+    save_integrity_manifest(str(iteration))
+    with pytest.raises(SystemExit) as exc:
+        main([*COMMON, "--train-iters", "3", "--load", str(tmp_path / "ckpt"), "--finetune"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--load:" in err[0] and ".metadata" in err[0] and "posix.system" in err[0]
     assert not (tmp_path / "PWNED").exists()
 
 
@@ -169,3 +209,40 @@ def test_leftovers_of_interrupted_writes_are_removed_but_never_a_complete_checkp
     remove_leftovers(tmp_path)
     # the .old copy of iteration 3 is the only copy left of it (its overwrite was interrupted): kept
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000001", "iter_0000003.old-ef56"]
+
+
+@pytest.mark.slow
+def test_a_killed_rank_ends_the_run_within_a_minute_and_the_checkpoint_stays_loadable(runtime, tmp_path):
+    """kill -9 one of two torchrun workers mid-run: the other exits, torchrun exits non-zero within 60 s, no
+    worker is left, and the last published checkpoint loads."""
+    import signal
+    import time
+
+    import psutil
+
+    import megatron_dsv3 as m
+    from megatron_dsv3.checkpoint.dist import load_checkpoint
+    from tests.distributed import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+           "-m", "megatron_dsv3.training.pretrain", *COMMON, "--train-iters", "2000",
+           "--expert-model-parallel-size", "2", "--save", str(tmp_path), "--save-interval", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    run = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    latest = tmp_path / "latest_checkpointed_iteration.txt"
+    deadline = time.monotonic() + 300
+    while not latest.exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert latest.exists(), run.stderr.read()[-3000:] if run.poll() is not None else "no checkpoint in time"
+    workers = [p for p in psutil.Process(run.pid).children() if "megatron_dsv3.training.pretrain" in p.cmdline()]
+    assert len(workers) == 2
+    descendants = psutil.Process(run.pid).children(recursive=True)  # helpers the workers started, too
+    workers[1].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    returncode = run.wait(timeout=120)
+    assert returncode != 0 and time.monotonic() - killed < 60
+    time.sleep(2)
+    alive = [p.cmdline() for p in descendants if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert alive == []
+    model = m.build_model(m.presets.get_preset("tiny"), backend="local")
+    assert load_checkpoint(tmp_path, [model], load_rng=False)["iteration"] >= 2

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_dsv3.checkpoint import dcp_io
+from megatron_dsv3.compat import in_process_write_results
 from megatron_dsv3.checkpoint.dist import _barrier, _broadcast, _rank, _world
 from megatron_dsv3.checkpoint.mapping import build_template, mtp_duplicates, quantized_in_fp8, rope_order
 
@@ -272,13 +273,15 @@ def hf_to_mcore(input_dir, output_dir, *, tp: int = 1, pp: int = 1, ep: int = 1,
                 group[piece.hf_name] = _chunk(piece, t)
                 bar.update(world)
             handles.clear()  # unmaps the shard before megatron-core stages the group
-            dist_checkpointing.save(group, str(part), validate_access_integrity=False)
+            with in_process_write_results():
+                dist_checkpointing.save(group, str(part), validate_access_integrity=False)
             del group
         bar.close()
         final = {"iteration": 0, "checkpoint_format": FORMAT}
         if rank == 0:
             final.update({f"extra_state.{i}": dataclasses.replace(o, replica_id=0) for i, o in enumerate(objects)})
-        dist_checkpointing.save(final, str(parts[-1]), validate_access_integrity=False)
+        with in_process_write_results():
+            dist_checkpointing.save(final, str(parts[-1]), validate_access_integrity=False)
         _barrier()
         if rank != 0:
             return

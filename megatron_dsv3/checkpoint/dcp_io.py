@@ -17,6 +17,8 @@ from typing import Sequence
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
+
+from megatron_dsv3.checkpoint import safe_unpickle
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
@@ -71,6 +73,7 @@ class CheckpointReader(FileSystemReader):
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
         if getattr(self, "_metadata", None) is None:
+            safe_unpickle.check(Path(self.path) / DCP_METADATA)  # no code runs from a planted index
             self._metadata = super().read_metadata(*args, **kwargs)
         return self._metadata
 

@@ -22,6 +22,7 @@ from megatron.core.dist_checkpointing.validation import save_integrity_manifest,
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_dsv3.checkpoint import safe_unpickle
+from megatron_dsv3.compat import in_process_write_results, load_checkpoint_objects_without_code
 
 LATEST = "latest_checkpointed_iteration.txt"
 TRAIN_STATE = "train_state.json"
@@ -182,7 +183,8 @@ def _write_shards(tmp: Path, model_chunks, optimizer, scheduler, iteration: int,
     state["checkpoint_format"] = FORMAT
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
-    dist_checkpointing.save(state, str(tmp))
+    with in_process_write_results():
+        dist_checkpointing.save(state, str(tmp))
 
     _write_text(tmp / _rng_file(rank), json.dumps(_rng_state()))
     _barrier()  # every rank's RNG file is written before rank 0 records the hashes
@@ -341,7 +343,7 @@ def _read_json(path: Path) -> dict:
 
 # What megatron-core writes into an iteration directory, besides our JSON files; anything else (a planted file,
 # the pickled RNG of checkpoints before megatron_dsv3 0.2) is refused before anything is read.
-_MCORE_FILES = re.compile(r"(\.metadata|integrity\.json|common\.pt|metadata\.json|__\d+_\d+\.distcp)$")
+_MCORE_FILES = re.compile(r"(\.metadata|integrity\.json|metadata\.json|[\w-]+\.distcp)$")
 
 
 def _refuse_foreign_files(path: Path) -> None:
@@ -349,7 +351,7 @@ def _refuse_foreign_files(path: Path) -> None:
     a pickle, so its classes are checked against torch DCP's and megatron-core's before torch unpickles it."""
     recorded = set(_read_json(path / "integrity.json").get("files", {}))
     for entry in sorted(path.iterdir()):
-        ours = entry.name in (META, TRAIN_STATE) or re.fullmatch(r"rng_rank\d+\.json", entry.name)
+        ours = entry.name in (META, TRAIN_STATE, "hf_config.json") or re.fullmatch(r"rng_rank\d+\.json", entry.name)
         if entry.is_dir() or not (ours or _MCORE_FILES.fullmatch(entry.name)):
             _fail(entry, "not a file of this checkpoint format (a checkpoint from an older megatron_dsv3 keeps "
                          "its RNG as a pickle: load it with --no-load-rng after removing rng/)")
@@ -384,8 +386,12 @@ def _check_model_matches(path: Path, model_states: list) -> None:
         saved = dist_checkpointing.load_tensors_metadata(str(path))
     except (Exception, CheckpointException) as exc:
         _fail(path, f"unreadable tensor index ({_brief(exc)})")
-    saved = {k: tuple(v.global_shape) for k, v in saved.items() if not k.startswith("optimizer.")}
+    saved = {k: tuple(v.global_shape) for k, v in saved.items() if not re.match(r"(chained_\d+\.)?optimizer\.", k)}
     wanted = {t.key: tuple(t.global_shape) for st in model_states for t in tensors(nested_values(st))}
+    if _world() > 1:  # each rank holds its pipeline stage (and experts): the model is the union over ranks
+        parts = [None] * _world()
+        dist.all_gather_object(parts, wanted)
+        wanted = {k: v for part in parts for k, v in part.items()}
     for key in sorted(wanted.keys() | saved.keys()):
         if wanted.get(key) != saved.get(key):
             have, want = saved.get(key, "absent"), wanted.get(key, "absent")
@@ -400,6 +406,7 @@ def load_checkpoint(load_dir, model_chunks: Sequence, optimizer=None, scheduler=
 
     Files are checked (existence, JSON, SHA-256, no foreign or pickled files, the model's tensor names and
     shapes) before anything is changed; problems raise CheckpointError. `partial` skips the shape check."""
+    load_checkpoint_objects_without_code()
     model_chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     iteration, path = _resolve(Path(load_dir).absolute())
     if _rank() == 0:

@@ -23,6 +23,7 @@ from megatron_dsv3.model.init import init_layout_independent
 from megatron_dsv3.pipeline.dual import DUAL_SCHEDULES, get_forward_backward_func
 from megatron_dsv3.pipeline.placement import build_chunks
 from megatron_dsv3.training.resume import check_resumed_schedule
+from megatron_dsv3.tracking.moe_metrics import maxvio
 from megatron_dsv3.training.step import LoadCapture, evaluate, moe_and_mtp_metrics, train_step
 
 
@@ -50,7 +51,8 @@ class Trainer:
         if settings.save and int(os.environ.get("RANK", "0")) == 0:
             check_writable(settings.save)
         runtime.initialize(tp=cfg.tensor_model_parallel_size, pp=cfg.pipeline_model_parallel_size,
-                           ep=cfg.expert_model_parallel_size, seed=settings.seed)
+                           ep=cfg.expert_model_parallel_size, seed=settings.seed,
+                           timeout_minutes=args.distributed_timeout_minutes)
         self.rank = torch.distributed.get_rank()
         global_vars.set_args(args)  # megatron.training's config builders below read the flags from here
         chunks = self._build_chunks(model_kwargs)
@@ -173,7 +175,7 @@ class Trainer:
     def train(self) -> dict:
         s = self.settings
         train_iter = self._iterator(self.train_data, self.consumed_samples)
-        losses, rates, lrs, valid_loss = [], [], [], None
+        losses, rates, lrs, maxvios, valid_loss = [], [], [], [], None
         bar = tqdm(total=s.train_iters, initial=self.iteration, disable=self.rank != 0 or not self.args.progress,
                    desc="dsv3-pretrain", mininterval=1.0, dynamic_ncols=True)
         while self.iteration < s.train_iters:
@@ -186,12 +188,17 @@ class Trainer:
             losses.append(metrics["lm_loss"])
             lrs.append(metrics["lr"])
             rates.append(metrics["tokens_per_s"])
-            moe = self._gather_moe() if self.tracker is not None else None
+            moe = self._gather_moe()
+            if moe is not None:  # MaxVio_batch: mean over the decoder's MoE layers of max load / mean load - 1
+                decoder = [i for i, name in enumerate(moe[2]) if name.startswith("layer_")]
+                maxvios.append(float(maxvio(moe[0][decoder]).mean()) if decoder else 0.0)
+                metrics["maxvio"] = maxvios[-1]
             if self.tracker is not None:
                 self.tracker.log({f"train/{k}": v for k, v in metrics.items()}, step=self.iteration)
                 if moe is not None:
                     self.tracker.log_moe(*moe, step=self.iteration)
-            bar.set_postfix(loss=f"{metrics['lm_loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
+            bar.set_postfix(loss=f"{metrics['lm_loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
+                            **({"maxvio": f"{maxvios[-1]:.2f}"} if moe is not None else {}), refresh=False)
             bar.update(1)
             if s.eval_interval and s.eval_iters and (self.iteration % s.eval_interval == 0
                                                      or self.iteration == s.train_iters):
@@ -213,6 +220,7 @@ class Trainer:
             "steps": self.iteration, "first_lm_loss": losses[0] if losses else None,
             "final_lm_loss": losses[-1] if losses else None, "valid_lm_loss": valid_loss,
             "tokens_per_s": sum(steady) / len(steady) if steady else None, "lm_losses": losses, "lrs": lrs,
+            "maxvio_batch": maxvios,
             "checkpoint": self.checkpoint, "wandb_dir": self.tracker.run_dir if self.tracker else None,
         }
 
