@@ -48,8 +48,12 @@ def validation_loads(trainer, batches: int):
     model = trainer.model_chunks[0].module
     routers = [m for name, m in model.named_modules() if isinstance(m, DeepSeekRouter) and not name.startswith("mtp")]
     counts = torch.zeros(len(routers), routers[0].config.num_moe_experts, dtype=torch.float64)
-    hooks = [r.register_forward_hook(lambda mod, args, out, i=i: counts[i].add_(out[1].sum(0).double()))
-             for i, r in enumerate(routers)]
+    def counter(i):
+        def count(module, args, output):  # output: (probs, routing_map [tokens, experts])
+            counts[i] += output[1].sum(0).double()
+        return count
+
+    hooks = [r.register_forward_hook(counter(i)) for i, r in enumerate(routers)]
     model.eval()
     data = trainer._iterator(trainer.valid_data, 0)
     with torch.no_grad():

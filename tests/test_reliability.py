@@ -139,8 +139,8 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-@pytest.mark.parametrize("where,rehash", [(".metadata", False), (".metadata", True), ("rng/rank0.pt", True), ("common.pt", True),
-                                          ("extra.pt", True), ("rng_rank0.json", True)],
+@pytest.mark.parametrize("where,rehash", [(".metadata", False), (".metadata", True), ("rng/rank0.pt", True),
+                                          ("common.pt", True), ("extra.pt", True), ("rng_rank0.json", True)],
                          ids=["metadata", "metadata-rehashed", "old-rng-pickle", "common-pt", "extra-file", "rng-json"])
 def test_a_planted_pickle_is_refused_and_never_runs(model_checkpoint, tmp_path, where, rehash):
     """Whatever file holds the payload, and even with the integrity record rewritten to match it."""

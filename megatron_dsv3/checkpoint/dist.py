@@ -21,19 +21,14 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.validation import save_integrity_manifest, verify_integrity_manifest
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_dsv3.checkpoint import safe_unpickle
+from megatron_dsv3.checkpoint.errors import FORMAT, LATEST, META, TRAIN_STATE, CheckpointError
+from megatron_dsv3.checkpoint.errors import brief as _brief
+from megatron_dsv3.checkpoint.errors import fail as _fail
+from megatron_dsv3.checkpoint.errors import read_json as _read_json
+from megatron_dsv3.checkpoint.verify import check_model_matches, refuse_foreign_files
 from megatron_dsv3.compat import in_process_write_results, load_checkpoint_objects_without_code
 
-LATEST = "latest_checkpointed_iteration.txt"
-TRAIN_STATE = "train_state.json"
-META = "metadata.json"  # megatron-core's own file; it ignores the extra keys we add
-FORMAT = "megatron_dsv3.dist/1"
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded or saved; the message starts with `--load: ` or `--save: ` and names
-    the path."""
 
 
 def iteration_dir(root, iteration: int) -> Path:
@@ -300,17 +295,6 @@ def check_writable(save_dir) -> None:
         raise CheckpointError(f"--save: {save_dir}: not a writable directory ({_brief(exc)})") from None
 
 
-def _fail(path, problem: str):
-    error = CheckpointError(f"--load: {path}: {problem}")
-    error.__suppress_context__ = True  # one line for the user, not the chained library traceback
-    raise error
-
-
-def _brief(exc: BaseException) -> str:
-    """An exception as one short line (torch and megatron-core errors can span many)."""
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:240]}"
-
-
 def _resolve(load_dir: Path) -> tuple[int, Path]:
     """Read `latest` and find its iteration dir (or a copy set aside by an interrupted overwrite)."""
     if not load_dir.is_dir():
@@ -332,72 +316,10 @@ def _resolve(load_dir: Path) -> tuple[int, Path]:
     return iteration, path
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        _fail(path, "missing (incomplete checkpoint)")
-    try:
-        return json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        _fail(path, f"corrupt JSON ({exc})")
-
-
-# What megatron-core writes into an iteration directory, besides our JSON files; anything else (a planted file,
-# the pickled RNG of checkpoints before megatron_dsv3 0.2) is refused before anything is read.
-_MCORE_FILES = re.compile(r"(\.metadata|integrity\.json|metadata\.json|[\w-]+\.distcp)$")
-
-
-def _refuse_foreign_files(path: Path) -> None:
-    """Every file must be one the checkpoint format names and the integrity record covers; `.metadata` is
-    a pickle, so its classes are checked against torch DCP's and megatron-core's before torch unpickles it."""
-    recorded = set(_read_json(path / "integrity.json").get("files", {}))
-    for entry in sorted(path.iterdir()):
-        ours = entry.name in (META, TRAIN_STATE, "hf_config.json") or re.fullmatch(r"rng_rank\d+\.json", entry.name)
-        if entry.is_dir() or not (ours or _MCORE_FILES.fullmatch(entry.name)):
-            _fail(entry, "not a file of this checkpoint format (a checkpoint from an older megatron_dsv3 keeps "
-                         "its RNG as a pickle: load it with --no-load-rng after removing rng/)")
-        if entry.name != "integrity.json" and entry.name not in recorded:
-            _fail(entry, "not covered by the checkpoint's integrity record")
-    try:
-        safe_unpickle.check(path / ".metadata")
-    except safe_unpickle.UnsafePickle as exc:
-        _fail(path / ".metadata", str(exc))
-
-
 def peek_train_state(load_dir) -> dict:
     """The train_state.json of the `latest` checkpoint under `load_dir`, read before anything is loaded."""
     _, path = _resolve(Path(load_dir).absolute())
     return _read_json(path / TRAIN_STATE)
-
-
-def _check_model_matches(path: Path, model_states: list) -> None:
-    """The checkpoint holds exactly the requested model's tensors, with the same global shapes: the first
-    tensor that is missing, extra or of another shape is named with both shapes."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-
-    def tensors(entries):  # a factory (e.g. a gated fc1 kept as two halves) builds the tensors it stores
-        for entry in entries:
-            if isinstance(entry, ShardedTensorFactory):
-                yield from tensors(nested_values(entry.build()))
-            elif isinstance(entry, ShardedTensor):
-                yield entry
-
-    try:
-        saved = dist_checkpointing.load_tensors_metadata(str(path))
-    except (Exception, CheckpointException) as exc:
-        _fail(path, f"unreadable tensor index ({_brief(exc)})")
-    saved = {k: tuple(v.global_shape) for k, v in saved.items() if not re.match(r"(chained_\d+\.)?optimizer\.", k)}
-    wanted = {t.key: tuple(t.global_shape) for st in model_states for t in tensors(nested_values(st))}
-    if _world() > 1:  # each rank holds its pipeline stage (and experts): the model is the union over ranks
-        parts = [None] * _world()
-        dist.all_gather_object(parts, wanted)
-        wanted = {k: v for part in parts for k, v in part.items()}
-    for key in sorted(wanted.keys() | saved.keys()):
-        if wanted.get(key) != saved.get(key):
-            have, want = saved.get(key, "absent"), wanted.get(key, "absent")
-            _fail(path, f"does not match the requested model: tensor {key} is {have} in the checkpoint and {want} "
-                        "in the model (check --preset and the shape flags; --dist-ckpt-strictness ignore_all "
-                        "loads what matches)")
 
 
 def load_checkpoint(load_dir, model_chunks: Sequence, optimizer=None, scheduler=None, *,
@@ -421,7 +343,7 @@ def load_checkpoint(load_dir, model_chunks: Sequence, optimizer=None, scheduler=
         _fail(path, "was saved without optimizer state")
     if scheduler is not None and not meta.get("has_scheduler", True):
         _fail(path, "was saved without scheduler state")
-    _refuse_foreign_files(path)
+    refuse_foreign_files(path)
     rng = None
     if load_rng and meta.get("world_size") == _world():
         rng = _read_json(path / _rng_file(_rank()))
@@ -431,7 +353,7 @@ def load_checkpoint(load_dir, model_chunks: Sequence, optimizer=None, scheduler=
 
     state = _sharded_state(model_chunks, optimizer, is_loading=True)
     if not partial:
-        _check_model_matches(path, [state[_model_key(i, len(model_chunks))] for i in range(len(model_chunks))])
+        check_model_matches(path, [state[_model_key(i, len(model_chunks))] for i in range(len(model_chunks))])
     if scheduler is not None:
         state["opt_param_scheduler"] = {}
     try:
