@@ -62,12 +62,17 @@ def test_megatron_lm_loop_matches_dsv3_pretrain(reference, tmp_path, layout, npr
         assert (tmp_path / "ckpt" / "iter_0000004").is_dir()
 
 
-def test_megatron_lm_refuses_a_flag_the_spec_cannot_honour_in_one_line():
-    result = megatron_lm(*LOOP, "--normalization", "LayerNorm", check=False)
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith(
-        "megatron_dsv3.megatron_lm: error: --normalization: not supported by the dsv3 spec")
+def test_megatron_lm_refuses_a_flag_the_spec_cannot_honour_in_one_line(capsys, monkeypatch, runtime):
+    from megatron_dsv3 import megatron_lm
+
+    monkeypatch.setattr(sys, "argv", ["megatron_lm", *LOOP, "--normalization", "LayerNorm"])
+    monkeypatch.setattr(megatron_lm, "_PARSER", {})
+    with pytest.raises(SystemExit) as exc:
+        megatron_lm.main()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("megatron_dsv3.megatron_lm: error: --normalization: not supported by the dsv3 spec")
+    assert not any("Traceback" in line for line in err)
 
 
 @pytest.mark.parametrize("entry", ["megatron_lm", "dsv3-pretrain"])

@@ -55,7 +55,6 @@ def test_a_longer_run_resumes_at_the_new_schedules_lr(saved, tmp_path):
     import torch
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    one_line_error(cli("--train-iters", "6", "--load", str(saved)), "--train-iters", "--override-opt_param-scheduler")
     longer = summary(cli("--train-iters", "6", "--load", str(saved), "--override-opt_param-scheduler"))
     gbs = 8  # COMMON's --global-batch-size
     oracle = OptimizerParamScheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0), init_lr=0.0,
@@ -67,6 +66,17 @@ def test_a_longer_run_resumes_at_the_new_schedules_lr(saved, tmp_path):
         oracle.step(increment=gbs)
         expected.append(oracle.optimizer.param_groups[0]["lr"])
     assert longer["steps"] == 6 and longer["lrs"] == pytest.approx(expected[3:], rel=1e-12) and longer["lrs"][0] > 0
+
+
+def test_a_longer_run_without_a_schedule_flag_is_refused_in_one_line(runtime, saved, capsys):
+    from megatron_dsv3.training.pretrain import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([*COMMON, "--train-iters", "6", "--load", str(saved)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dsv3-pretrain: error: --train-iters") and \
+        "--override-opt_param-scheduler" in err[0]
 
 
 def test_another_lr_on_resume_is_refused_before_loading():
