@@ -434,7 +434,7 @@ def apply_cpu_patches() -> None:
     if torch.cuda.is_available():
         raise RuntimeError("apply_cpu_patches is for machines without CUDA")
     from megatron.core import utils as mcore_utils
-    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, grad_scaler
     from megatron.core.optimizer import optimizer as mcore_optimizer
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import layers as tp_layers
@@ -470,11 +470,13 @@ def apply_cpu_patches() -> None:
     # count_zeros_fp32 (norm and overflow buffers), utils.py local_multi_tensor_l2_norm (the norm they use
     # without Apex/TE) and pipeline_parallel/schedules.py forward_backward_* (total_num_tokens counters): those
     # modules see the CPU view of torch; the model's ops do not.
-    _route_torch_to_cpu([mcore_optimizer, clip_grads, schedules, mcore_utils])
+    # ... and optimizer/grad_scaler.py (the --fp16 loss scale and its factors).
+    _route_torch_to_cpu([mcore_optimizer, clip_grads, schedules, mcore_utils, grad_scaler])
     # optimizer/optimizer.py Float16OptimizerWithFloat16Params.__init__ (--bf16/--fp16) accepts a parameter only
     # if param.type() is a torch.cuda type name: its construction (once) sees CPU tensors named so.
-    fp16_optimizer = mcore_optimizer.Float16OptimizerWithFloat16Params
-    fp16_optimizer.__init__ = _with_cuda_type_names(fp16_optimizer.__init__)
+    # optimizer/distrib_optimizer.py DistributedOptimizer.__init__ (--use-distributed-optimizer) does the same.
+    for cls in (mcore_optimizer.Float16OptimizerWithFloat16Params, distrib_optimizer.DistributedOptimizer):
+        cls.__init__ = _with_cuda_type_names(cls.__init__)
     # clip_grad_by_total_norm_fp32 asserts each grad is a torch.cuda.FloatTensor: replaced outright.
     clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
     mcore_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu

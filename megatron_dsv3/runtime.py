@@ -22,6 +22,11 @@ def te_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
+def device() -> torch.device:
+    """Where this rank computes and communicates: its CUDA device under NCCL, else the CPU (gloo)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def _init_process_group(backend: str, timeout: Optional[timedelta]) -> None:
     extra = {} if timeout is None else {"timeout": timeout}
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:

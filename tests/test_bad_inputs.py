@@ -111,10 +111,23 @@ CONVERT = [
 ]
 
 
-@pytest.mark.parametrize("argv,needle", CONVERT, ids=["hf-to-mcore", "mcore-to-hf"])
-def test_convert_bad_input(capsys, argv, needle):
+@pytest.mark.parametrize("argv,needle", CONVERT + [("symlink", "is a symbolic link"), ("weight_map", "outside --input")],
+                         ids=["hf-to-mcore", "mcore-to-hf", "output-symlink", "index-escapes-input"])
+def test_convert_bad_input(capsys, tmp_path, argv, needle):
+    import json
+
     from megatron_dsv3.checkpoint.convert import main
 
+    if argv in ("symlink", "weight_map"):  # an input folder that passes the first checks
+        (tmp_path / "hf").mkdir()
+        tiny = {k: v for k, v in get_preset("tiny").__dict__.items() if k != "rope_scaling"}
+        (tmp_path / "hf" / "config.json").write_text(json.dumps({**tiny, "hidden_act": "silu"}))
+        (tmp_path / "hf" / "model.safetensors.index.json").write_text(json.dumps(
+            {"weight_map": {"model.embed_tokens.weight": "../../etc/passwd"}}))
+        (tmp_path / "real").mkdir()
+        (tmp_path / "link").symlink_to(tmp_path / "real")
+        out = tmp_path / ("link" if argv == "symlink" else "out")
+        argv = ["hf-to-mcore", "--input", str(tmp_path / "hf"), "--output", str(out)]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("dsv3-convert: error: ") and needle in err[0], err

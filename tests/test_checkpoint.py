@@ -156,7 +156,7 @@ def _missing_dir(d):
     return d / "nope"
 
 
-@pytest.mark.parametrize("damage", [_garble_latest, _drop_iter_dir, _truncate_shard, _drop_latest, _missing_dir])
+@pytest.mark.parametrize("damage", [_drop_iter_dir, _truncate_shard, _drop_latest, _missing_dir])
 def test_corrupt_checkpoint_raises_checkpoint_error(cfg, saved, tmp_path, damage):
     work = tmp_path / "ckpt"
     shutil.copytree(saved, work)
@@ -171,6 +171,21 @@ def test_corrupt_checkpoint_raises_checkpoint_error(cfg, saved, tmp_path, damage
     assert message.startswith("--load: ") and str(named) in message, message
     assert isinstance(info.value, ValueError)
     assert all(torch.equal(p, before[n]) for n, p in params(ddp).items())  # nothing was changed
+
+
+def test_a_garbled_latest_falls_back_to_the_newest_intact_checkpoint(cfg, saved, tmp_path):
+    """Only the intact iteration 1 is left to load; with nothing intact it is one line naming `latest`."""
+    work = tmp_path / "ckpt"
+    shutil.copytree(saved, work)
+    latest = _garble_latest(work)
+    shutil.copytree(work / "iter_0000001", work / "iter_0000002")
+    (work / "iter_0000002" / "integrity.json").unlink()  # an interrupted write: not intact
+    ddp, opt, sched = build(cfg)
+    assert load_checkpoint(work, [ddp], opt, sched)["iteration"] == 1
+    shutil.rmtree(work / "iter_0000001")
+    with pytest.raises(CheckpointError, match="garbled"):
+        load_checkpoint(work, [ddp], opt, sched)
+    assert latest.is_file()
 
 
 @pytest.mark.slow

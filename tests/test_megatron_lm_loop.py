@@ -62,16 +62,19 @@ def test_megatron_lm_loop_matches_dsv3_pretrain(reference, tmp_path, layout, npr
         assert (tmp_path / "ckpt" / "iter_0000004").is_dir()
 
 
-def test_megatron_lm_refuses_a_flag_the_spec_cannot_honour_in_one_line(capsys, monkeypatch, runtime):
+@pytest.mark.parametrize("argv,message", [
+    (["--normalization", "LayerNorm"], "--normalization: not supported by the dsv3 spec"),
+    (["--lr-warmup-iters", "4"], "--lr-warmup-iters: 4 warm-up steps must be fewer than the 4 decay steps")])
+def test_megatron_lm_refuses_a_flag_the_spec_cannot_honour_in_one_line(capsys, monkeypatch, runtime, argv, message):
     from megatron_dsv3 import megatron_lm
 
-    monkeypatch.setattr(sys, "argv", ["megatron_lm", *LOOP, "--normalization", "LayerNorm"])
+    monkeypatch.setattr(sys, "argv", ["megatron_lm", *LOOP, *argv])
     monkeypatch.setattr(megatron_lm, "_PARSER", {})
     with pytest.raises(SystemExit) as exc:
         megatron_lm.main()
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("megatron_dsv3.megatron_lm: error: --normalization: not supported by the dsv3 spec")
+    assert err[-1].startswith(f"megatron_dsv3.megatron_lm: error: {message}"), err[-1]
     assert not any("Traceback" in line for line in err)
 
 
@@ -88,3 +91,20 @@ def test_help_exits_0(capsys, monkeypatch, entry):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "--moe-paged-stash-buffer-size-factor-cuda" in out and "--preset" in out
+
+
+@pytest.fixture(scope="module")
+def one_rank_bf16() -> subprocess.CompletedProcess:
+    return megatron_lm(*LOOP, "--bf16", "--micro-batch-size", "2")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["dualpipe", "dualpipev"])
+def test_megatron_lm_loop_logs_the_one_rank_losses_under_bf16_dual_pipelines(one_rank_bf16, schedule):
+    """`--bf16` with DualPipe(V) in Megatron-LM's loop: activations cross stages in BF16, and the LM and MTP
+    losses, computed on the first rank or on both ends, reach the last rank's log as one rank logs them."""
+    piped = megatron_lm(*LOOP, "--bf16", "--micro-batch-size", "2", "--pipeline-model-parallel-size", "2",
+                        "--pipeline-schedule", schedule, nproc=2)
+    for key in ("lm loss", "mtp_1 loss"):
+        want, got = logged(one_rank_bf16, key), logged(piped, key)
+        assert len(got) == 4 and got == pytest.approx(want, rel=1e-4), key

@@ -42,7 +42,8 @@ def one_rank_curve() -> list[float]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [["--expert-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"],
-                                    ["--tensor-model-parallel-size", "2"]], ids=["ep2", "pp2", "tp2"])
+                                    ["--tensor-model-parallel-size", "2"], ["--use-distributed-optimizer"]],
+                         ids=["ep2", "pp2", "tp2", "dp2-distributed-optimizer"])
 def test_two_rank_layouts_follow_the_one_rank_loss_curve(one_rank_curve, layout):
     parallel = pretrain("--train-iters", "5", *layout, nproc=2)
     assert len(parallel["lm_losses"]) == 5
@@ -82,10 +83,26 @@ def test_dualpipe_checkpoint_resumes_under_1f1b(one_f_one_b_4_ranks, tmp_path):
         assert got == pytest.approx(ref, rel=1e-4)
 
 
+@pytest.fixture(scope="module")
+def bf16_curve() -> list[float]:
+    return pretrain("--train-iters", "5", "--bf16")["lm_losses"]
+
+
 @pytest.mark.slow
-def test_bf16_trains_close_to_fp32_from_the_same_start(one_rank_curve):
+def test_bf16_trains_close_to_fp32_from_the_same_start(one_rank_curve, bf16_curve):
     """`--bf16`: BF16 weights and compute with FP32 main weights; same initial model, so step 1 differs from
     FP32 only by BF16 rounding, and the curve keeps falling."""
-    bf16 = pretrain("--train-iters", "5", "--bf16")["lm_losses"]
+    bf16 = bf16_curve
     assert bf16[0] == pytest.approx(one_rank_curve[0], rel=1e-2) and bf16[0] != one_rank_curve[0]
     assert bf16[-1] < bf16[0] - 0.3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["1f1b", "dualpipe", "dualpipev"])
+def test_bf16_pipelines_follow_the_one_rank_bf16_curve(bf16_curve, schedule):
+    """`--bf16` with PP=2: activations cross stages in BF16 (pipeline_dtype follows params_dtype); the same 8
+    samples a step as 4 micro-batches of 2 (DualPipeV needs 2 x PP), so only BF16 rounding differs. A dual
+    chunk's Float16Module casts at its own stage's ends, not at its rank's."""
+    piped = pretrain("--train-iters", "5", "--bf16", "--micro-batch-size", "2", "--pipeline-model-parallel-size", "2",
+                     "--pipeline-schedule", schedule, nproc=2)["lm_losses"]
+    assert piped == pytest.approx(bf16_curve, rel=1e-3)

@@ -161,6 +161,8 @@ def _one_stage_runtime() -> None:
 
 
 def _check_output(out: Path) -> None:
+    if out.is_symlink():
+        _fail(f"--output: {out} is a symbolic link; give the real folder (it is created and renamed into place)")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         _fail(f"--output: {out} already exists and is not empty")
     if not out.parent.is_dir():
@@ -401,6 +403,8 @@ def mcore_to_hf(input_dir, output_dir, *, fp8: bool = False, max_shard_size="5GB
                 seen.add(where)
                 if piece.rope is not None and not interleaved:
                     t = t[rope_order(*piece.rope, to_interleaved=False)]
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    _fail(f"{piece.key}: holds NaN or Inf values; refusing to export them (as {name})")
                 if fp8 and quantized_in_fp8(name, piece.shape):
                     t, scale = quantize_blockwise(t, FP8_BLOCK, name=name)
                     tensors[name + "_scale_inv"] = scale

@@ -289,6 +289,10 @@ def check_flags(args: argparse.Namespace, explicit: set[str], cfg: DSV3Config) -
     except ValueError as err:
         raise UsageError(str(err)) from None
     kwargs["backend"] = kwargs["backend"] or ("te" if runtime.te_available() else "local")
+    decay = args.lr_decay_iters or args.train_iters  # Megatron-LM asserts this deep in its scheduler
+    if args.lr_warmup_iters and decay and args.lr_warmup_iters >= decay:
+        raise UsageError(f"--lr-warmup-iters: {args.lr_warmup_iters} warm-up steps must be fewer than the "
+                         f"{decay} decay steps (--train-iters or --lr-decay-iters)")
     check_supported(args, explicit, cfg, kwargs["backend"],
                     local_fp8=kwargs.get("fp8_recipe") is not None and kwargs["backend"] == "local")
     return kwargs

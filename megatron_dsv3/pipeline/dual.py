@@ -16,11 +16,13 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel.schedules import (backward_step, deallocate_output_tensor,
                                                        forward_step_calc_loss)
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 from megatron.core.utils import get_attr_wrapped_model, get_model_config, unwrap_model
 
+from megatron_dsv3 import runtime
 from megatron_dsv3.pipeline.executor import Executor
 from megatron_dsv3.pipeline.placement import (StageGroup, chunks_communicate_apart, mirror_partner, mirror_state,
-                                              tie_embedding_grads)
+                                              keep_float16_between_stages, tie_embedding_grads)
 from megatron_dsv3.pipeline.schedule import build
 from megatron_dsv3.pipeline.wgrad import deferred_weight_grads, run_all
 
@@ -46,7 +48,7 @@ class ModelWork:
             if self.overlap else None
         self.saved: dict[tuple[int, int], tuple] = {}
         self.losses: dict[int, dict] = {}
-        self.num_tokens = torch.zeros([], dtype=torch.int)
+        self.num_tokens = torch.zeros([], dtype=torch.int, device=runtime.device())
         self.is_loss_stage = [unwrap_model(c).post_process for c in chunks]
         self.pending_weight_grads: dict[tuple[int, int], list] = {}
 
@@ -179,6 +181,23 @@ def _losses_on_last_rank(losses: dict[int, dict]) -> list[dict]:
     return [merged[mb] for mb in sorted(merged)]
 
 
+def _mtp_metrics_on_last_rank(config) -> None:
+    """The MTP losses (and acceptance counts) each rank's MTP stages logged, summed onto the last pipeline
+    rank, where megatron-core's schedules leave them and Megatron-LM's logging reads them (zero elsewhere)."""
+    if not config.mtp_num_layers:
+        return
+    group = parallel_state.get_pipeline_model_parallel_group()
+    last = dist.get_global_rank(group, group.size() - 1)
+    tracker = MTPLossLoggingHelper.tracker
+    for key in ("loss_values", "correct_values", "total_values"):
+        values = tracker.get(key)
+        values = torch.zeros(config.mtp_num_layers, device=runtime.device()) if values is None else values
+        dist.reduce(values, dst=last, group=group)
+        tracker[key] = values if dist.get_rank() == last else values.zero_()
+    if dist.get_rank() == last:  # megatron-core averages them over data-parallel ranks when it logs
+        tracker["avg_group"] = parallel_state.get_data_parallel_group(with_context_parallel=True)
+
+
 def _finalize_groups() -> ProcessGroupCollection:
     """megatron-core's groups, with embedding groups of one rank: the dual placement ties embeddings locally."""
     pg = ProcessGroupCollection.use_mpu_process_groups()
@@ -208,6 +227,7 @@ def forward_backward_dual(*, forward_step_func, data_iterator, model, num_microb
     chunks = model if isinstance(model, list) else [model]
     if len(chunks) != 2:
         raise ValueError(f"model: DualPipe schedules need this rank's two chunks, got {len(chunks)}")
+    keep_float16_between_stages(chunks)
     config = get_model_config(chunks[0])
     rank = parallel_state.get_pipeline_model_parallel_rank()
     ranks = parallel_state.get_pipeline_model_parallel_world_size()
@@ -236,6 +256,7 @@ def forward_backward_dual(*, forward_step_func, data_iterator, model, num_microb
         if config.finalize_model_grads_func is not None:
             num_tokens = _pipeline_total_tokens(work.num_tokens) if config.calculate_per_token_loss else None
             config.finalize_model_grads_func(chunks, num_tokens, pg_collection=_finalize_groups())
+    _mtp_metrics_on_last_rank(config)
     return _losses_on_last_rank(work.losses)
 
 

@@ -11,6 +11,7 @@ from typing import Optional, Protocol
 import torch
 import torch.distributed as dist
 
+from megatron_dsv3 import runtime
 from megatron_dsv3.pipeline.schedule import Op, Plan
 
 
@@ -54,7 +55,7 @@ class Executor:
     def _recv(self, from_rank: int, kind: str, mb: int, stage: int) -> torch.Tensor:
         if from_rank == self.rank:
             return self._local.pop((kind, mb, stage))
-        buf = torch.empty(self.shape, dtype=self.dtype)
+        buf = torch.empty(self.shape, dtype=self.dtype, device=runtime.device())
         dist.recv(buf, self.global_ranks[from_rank], group=self.group, tag=self._tag(kind, mb, stage))
         return buf
 

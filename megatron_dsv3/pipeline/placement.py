@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from functools import partial
 from types import MethodType
 
 import torch
@@ -110,6 +111,22 @@ def build_stage(cfg: DSV3Config, stage: int, stages: int, *, seed: int, backend=
     model.pg_collection.pp = parallel_state.get_pipeline_model_parallel_group()
     enable_wgrad_deferral(model)
     return model
+
+
+def keep_float16_between_stages(chunks: list) -> None:
+    """megatron-core's Float16Module upcasts a chunk's output to FP32 when its rank is the pipeline's last
+    (and reads that rank from the real pipeline group, which Megatron-LM's loop also reads off the wrapper);
+    a dual chunk's stage is not its rank's, so each wrapper upcasts only at the model's last stage, and
+    activations cross stages in 16 bits."""
+    from megatron.core.transformer.module import Float16Module
+
+    for chunk in chunks:
+        stage = getattr(unwrap_model(chunk), "dsv3_stage", None)
+        module = chunk
+        while stage is not None and hasattr(module, "module"):
+            if isinstance(module, Float16Module) and "forward" not in vars(module):
+                module.forward = partial(Float16Module.forward, module, fp32_output=stage[0] == stage[1] - 1)
+            module = module.module
 
 
 def build_chunks(cfg: DSV3Config, schedule: str, *, seed: int, backend=None, **mcore_overrides) -> list:

@@ -123,10 +123,6 @@ def _settings(args, data_parallel_size: int, explicit: frozenset = frozenset()) 
                          f"x data-parallel size ({data_parallel_size})")
     if args.save_interval is not None and args.save is None:
         raise UsageError("--save-interval: needs --save DIR")
-    decay = args.lr_decay_iters or args.train_iters
-    if args.lr_warmup_iters and args.lr_warmup_iters >= decay:
-        raise UsageError(f"--lr-warmup-iters: {args.lr_warmup_iters} warm-up steps must be fewer than the "
-                         f"{decay} decay steps (--train-iters or --lr-decay-iters)")
     lr = 1e-3 if args.lr is None else args.lr
     if lr <= 0:
         raise UsageError(f"--lr: must be > 0, got {lr}")
