@@ -68,6 +68,8 @@ def test_cached_decoding_matches_full_recompute_at_every_step(runtime, variant):
         assert logits.shape == (2, 1, cfg.vocab_size)
         worst = max(worst, (logits[:, -1] - full_logits(model, seq)[:, -1]).abs().max().item())
     assert worst <= TOL, f"{variant}: cached vs full logits differ by {worst}"
+    # ... through the plain decode forms: routed experts run only where tokens went, linears without wrappers.
+    assert [type(layer.feed_forward).__name__ for layer in engine.layers] == ["function"] + ["RoutedExperts"] * 3
     assert cache.length == seq.shape[1]
 
     # Negative control: the same check notices a wrong cache (one stale latent entry).
@@ -92,6 +94,27 @@ def test_cached_decoding_matches_beyond_the_yarn_original_context(runtime):
         logits, _ = engine.forward(nxt, cache)
         worst = max(worst, (logits[:, -1] - full_logits(model, seq)[:, -1]).abs().max().item())
     assert worst <= TOL, worst
+
+
+def test_routed_experts_equal_the_moe_layer_and_run_only_the_chosen_experts(runtime, monkeypatch):
+    from megatron_dsv3.inference import plain_modules
+
+    cfg, model = build(runtime)
+    moe = model.decoder.layers[1].mlp
+    fast = plain_modules.RoutedExperts(moe)
+    x = torch.randn(3, 2, cfg.hidden_size)
+    with torch.no_grad():
+        want = plain_modules.module_output(moe(x))
+        calls = []
+        real = plain_modules.F.linear
+        monkeypatch.setattr(plain_modules.F, "linear", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+        got = fast(x[:, :1])
+        monkeypatch.undo()
+        assert torch.allclose(fast(x), want, atol=1e-6)
+    chosen = moe.router.select(torch.nn.functional.linear(x[:, :1].reshape(-1, cfg.hidden_size), moe.router.weight))[1]
+    expert_weights = {id(e.linear_fc1.weight) for e in moe.experts.local_experts}
+    assert sum(id(w) in expert_weights for w in calls) == len(set(chosen.flatten().tolist())) < cfg.n_routed_experts
+    assert got.shape == (3, 1, cfg.hidden_size)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -168,7 +191,7 @@ def check_speculative_equals_greedy(model, engine, prompts, new_tokens):
         oracle = full_logits(model, seq)[0, len(prompt) - 1 : -1].argmax(-1).tolist()
         assert oracle == plain.as_list()
         st = spec.stats
-        assert st["main_model_steps"] == 1 + st["verify_steps"]
+        assert st["main_model_steps"] == 1 + st["verify_steps"] + st["plain_steps"]
         assert st["tokens_per_main_step"] == pytest.approx(new_tokens / st["main_model_steps"])
         drafted, accepted = drafted + st["verify_steps"], accepted + st["accepted_drafts"]
     return drafted, accepted
@@ -201,7 +224,12 @@ def test_speculative_bookkeeping_under_forced_accept_reject_patterns(runtime):
         spec = speculative_generate(engine, prompt, 30, draft_hook=hook)
         assert spec.as_list() == greedy[len(prompt):], pattern
         assert spec.stats["accepted_drafts"] == sum(decisions) and spec.stats["verify_steps"] == len(decisions)
-        assert spec.stats["main_model_steps"] == 1 + len(decisions)
+        fell_back_at = spec.stats["fell_back_to_plain_at"]  # only all-rejects falls under 35% over 16 drafts
+        assert (fell_back_at is not None) == (pattern == "R"), pattern
+        plain_steps = 30 - fell_back_at if fell_back_at else 0
+        assert spec.stats["main_model_steps"] == 1 + len(decisions) + plain_steps
+        if pattern == "R":
+            assert fell_back_at == 1 + 16  # the first token, then one per rejected draft
 
 
 def test_speculative_equals_greedy_trained_model(trained):

@@ -128,8 +128,8 @@ def build_template(cfg: DSV3Config):
     """
     from megatron_dsv3.model.builder import build_model
 
-    with torch.device("meta"):
-        model = build_model(cfg, backend="local")
+    with torch.device("meta"):  # only names and shapes are read: nothing to initialise
+        model = build_model(cfg, backend="local", perform_initialization=False)
     pieces, objects = [], []
     for name, item in model.sharded_state_dict().items():
         if isinstance(item, ShardedObject):

@@ -13,7 +13,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from megatron_dsv3.inference.latent_cache import CachedLayer, LatentCache, _out
+from megatron_dsv3.inference.latent_cache import CachedLayer, LatentCache
+from megatron_dsv3.inference.plain_modules import module_output, plain_linear
 
 
 @dataclass
@@ -77,6 +78,8 @@ class InferenceEngine:
         self.layers = [CachedLayer(layer, self.capacity) for layer in model.decoder.layers]
         mtp = getattr(model, "mtp", None)
         self.mtp_layers = [CachedLayer(m.mtp_model_layer, self.capacity) for m in mtp.layers] if mtp else []
+        self._output_layer = plain_linear(model.output_layer)
+        self._eh_proj = [plain_linear(m.eh_proj) for m in mtp.layers] if mtp else []
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
 
@@ -102,8 +105,10 @@ class InferenceEngine:
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         m = self.model
-        weight = m.shared_embedding_or_output_weight() if m.share_embeddings_and_output_weights else None
-        logits = _out(m.output_layer(hidden, weight=weight))
+        if m.share_embeddings_and_output_weights:
+            logits = module_output(m.output_layer(hidden, weight=m.shared_embedding_or_output_weight()))
+        else:
+            logits = self._output_layer(hidden)
         scale = getattr(m, "_scale_logits", None)
         if scale is not None:
             logits = scale(logits)
@@ -122,16 +127,18 @@ class InferenceEngine:
         return self._logits(h), h
 
     @torch.no_grad()
-    def mtp_forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, cache: LatentCache) -> torch.Tensor:
+    def mtp_forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, cache: LatentCache,
+                    last_only: bool = False) -> torch.Tensor:
         """First MTP module at positions cache.length..: position i takes the main model's hidden h_i [s, b, H]
-        and the token t_{i+1} (next_ids [b, s]); returns logits [b, s, vocab] for t_{i+2}."""
+        and the token t_{i+1} (next_ids [b, s]); returns logits [b, s, vocab] for t_{i+2} (with `last_only`,
+        [b, 1, vocab] for the last position: all a draft needs)."""
         mtp = self.model.mtp.layers[0]
         start = cache.length
         e = mtp.enorm(self._embed(next_ids.to(self.device), start + 1))
-        x = _out(mtp.eh_proj(torch.cat([e, mtp.hnorm(hidden)], dim=-1)))
+        x = self._eh_proj[0](torch.cat([e, mtp.hnorm(hidden)], dim=-1))
         x = self.mtp_layers[0](x, cache, 0, start)
         cache.length = start + next_ids.shape[1]
-        return self._logits(mtp.final_layernorm(x))
+        return self._logits(mtp.final_layernorm(x[-1:] if last_only else x))
 
     # ----- generation --------------------------------------------------------------------------------------
     @torch.no_grad()

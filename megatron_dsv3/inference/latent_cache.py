@@ -7,8 +7,7 @@ rotated decoupled rope key (qk_rope_head_dim values). Keys and values are never 
   out_i       = W_O [ W_UV (sum_t p(i, t) c_t) ]_heads
 
 where W_UK / W_UV are the k_nope / v row blocks of `linear_kv_up_proj` for each head. The projections,
-norms, rotary tables and MoE/dense MLPs are the model's own modules; only the attention arithmetic is
-rewritten.
+norms and rotary tables are the model's own modules, its linears and MLPs read through `plain_modules`.
 """
 from __future__ import annotations
 
@@ -17,27 +16,32 @@ from dataclasses import dataclass, field
 import torch
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 
+from megatron_dsv3.inference.plain_modules import plain_feed_forward, plain_linear
+
 
 @dataclass
 class LatentCache:
-    """Preallocated per-layer buffers: latent[l] is [batch, capacity, kv_lora_rank], k_rope[l] is
-    [batch, capacity, qk_rope_head_dim]; positions [0, length) are valid."""
+    """Preallocated per-layer buffers: keys[l] is [batch, capacity, kv_lora_rank + qk_rope_head_dim], the
+    latent c_KV then the rope key of each position, so one matmul scores a query against both; latent[l] and
+    k_rope[l] are views of its two parts. Positions [0, length) are valid."""
 
-    latent: list[torch.Tensor]
-    k_rope: list[torch.Tensor]
+    keys: list[torch.Tensor]
+    rank: int
     length: int = 0
     capacity: int = field(init=False)
+    latent: list[torch.Tensor] = field(init=False)
+    k_rope: list[torch.Tensor] = field(init=False)
 
     def __post_init__(self):
-        self.capacity = self.latent[0].shape[1] if self.latent else 0
+        self.capacity = self.keys[0].shape[1] if self.keys else 0
+        self.latent = [k[..., : self.rank] for k in self.keys]
+        self.k_rope = [k[..., self.rank :] for k in self.keys]
 
     @classmethod
     def allocate(cls, num_layers: int, batch: int, capacity: int, kv_lora_rank: int, rope_dim: int,
                  dtype=torch.float32, device=None) -> "LatentCache":
-        return cls(
-            latent=[torch.zeros(batch, capacity, kv_lora_rank, dtype=dtype, device=device) for _ in range(num_layers)],
-            k_rope=[torch.zeros(batch, capacity, rope_dim, dtype=dtype, device=device) for _ in range(num_layers)],
-        )
+        return cls([torch.zeros(batch, capacity, kv_lora_rank + rope_dim, dtype=dtype, device=device)
+                    for _ in range(num_layers)], kv_lora_rank)
 
     @property
     def num_layers(self) -> int:
@@ -58,18 +62,11 @@ class LatentCache:
         self.length = length
 
 
-def _out(result):
-    """Megatron linears return (output, bias); fold the bias in when there is one."""
-    if isinstance(result, tuple):
-        out, bias = result[0], result[1] if len(result) > 1 else None
-        return out if bias is None else out + bias
-    return result
-
-
 class RotaryTable:
-    """The attention module's own rotary frequencies (RoPE or YaRN) computed once for `capacity` positions."""
+    """The attention module's own rotary frequencies (RoPE or YaRN) for `capacity` positions, with their
+    cosines and sines computed once; rotates as megatron-core's MLA rope does (interleaved pairs)."""
 
-    def __init__(self, attention, capacity: int):
+    def __init__(self, attention, capacity: int, dtype: torch.dtype):
         emb = attention.rotary_pos_emb(capacity)
         if isinstance(emb, tuple):  # YaRN returns (freqs, mscale)
             self.freqs, self.mscale = emb[0], float(emb[1])
@@ -77,12 +74,20 @@ class RotaryTable:
             self.freqs, self.mscale = emb, 1.0
         self.config = attention.config
         self.cp_group = attention.pg_collection.cp
+        self.own = not (self.config.rotary_interleaved or self.config.apply_rope_fusion)
+        self.cos = (torch.cos(self.freqs) * self.mscale).to(dtype)  # [capacity, 1, 1, rope_dim]
+        self.sin = (torch.sin(self.freqs) * self.mscale).to(dtype)
 
     def apply(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """Rotate x [s, b, heads, rope_dim] for absolute positions start..start+s-1 (interleaved pairs, as MLA)."""
-        freqs = self.freqs[start : start + x.shape[0]]
-        return apply_rotary_pos_emb(x, freqs, config=self.config, mscale=self.mscale, cp_group=self.cp_group,
-                                    mla_rotary_interleaved=True)
+        """Rotate x [s, b, heads, rope_dim] for absolute positions start..start+s-1."""
+        end = start + x.shape[0]
+        if not self.own:
+            return apply_rotary_pos_emb(x, self.freqs[start:end], config=self.config, mscale=self.mscale,
+                                        cp_group=self.cp_group, mla_rotary_interleaved=True)
+        x = torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * self.cos[start:end] + rotated * self.sin[start:end]
 
 
 class AbsorbedMLA:
@@ -102,46 +107,44 @@ class AbsorbedMLA:
         if getattr(up, "bias", None) is not None and up.bias.numel():
             raise ValueError("linear_kv_up_proj: a bias cannot be absorbed into the latent query")
         w = up.weight.view(self.heads, self.nope + self.vdim, self.rank)
-        self.w_uk = w[:, : self.nope]   # [heads, nope, rank]: k_nope = W_UK c
-        self.w_uv = w[:, self.nope :]   # [heads, vdim, rank]: v = W_UV c
-        self.rotary = RotaryTable(attention, capacity)
+        self.w_uk = w[:, : self.nope]               # [heads, nope, rank]: k_nope = W_UK c
+        self.w_uv_t = w[:, self.nope :].transpose(1, 2)  # [heads, rank, vdim]: v = W_UV c
+        self.rotary = RotaryTable(attention, capacity, attention.linear_kv_down_proj.weight.dtype)
+        if self.q_lora is not None:
+            q_down, q_up = plain_linear(attention.linear_q_down_proj), plain_linear(attention.linear_q_up_proj)
+            self.query = lambda x: q_up(attention.q_layernorm(q_down(x)))
+        else:
+            self.query = plain_linear(attention.linear_q_proj)
+        self.kv_down, self.proj = plain_linear(attention.linear_kv_down_proj), plain_linear(attention.linear_proj)
 
     def __call__(self, x: torch.Tensor, cache: LatentCache, layer: int, start: int) -> torch.Tensor:
         """x: the layer's normalised input [s, b, hidden] for positions start..start+s-1; writes their latent
         and rope key into `cache` (layer `layer`) and returns the attention output [s, b, hidden]."""
-        a, s, b = self.attn, x.shape[0], x.shape[1]
-        if self.q_lora is not None:
-            q = _out(a.linear_q_up_proj(a.q_layernorm(_out(a.linear_q_down_proj(x)))))
-        else:
-            q = _out(a.linear_q_proj(x))
-        q = q.view(s, b, self.heads, self.nope + self.rope)
-        q_nope, q_rope = q[..., : self.nope], q[..., self.nope :]
-        q_rope = self.rotary.apply(q_rope, start)
-
-        kv = _out(a.linear_kv_down_proj(x))
-        latent = a.kv_layernorm(kv[..., : self.rank])
-        k_rope = self.rotary.apply(kv[..., self.rank :].unsqueeze(2), start).squeeze(2)
-
+        s, b, h = x.shape[0], x.shape[1], self.heads
         end = start + s
         if end > cache.capacity:
             raise ValueError(f"cache capacity {cache.capacity} exceeded (need {end} positions)")
-        cache.latent[layer][:, start:end] = latent.transpose(0, 1)
-        cache.k_rope[layer][:, start:end] = k_rope.transpose(0, 1)
-        c_all = cache.latent[layer][:, :end]   # [b, t, rank]
-        r_all = cache.k_rope[layer][:, :end]   # [b, t, rope]
+        q = self.query(x).view(s, b, h, self.nope + self.rope)
+        kv = self.kv_down(x)
+        keys = cache.keys[layer]
+        keys[:, start:end, : self.rank] = self.attn.kv_layernorm(kv[..., : self.rank]).transpose(0, 1)
+        keys[:, start:end, self.rank :] = self.rotary.apply(kv[..., self.rank :].unsqueeze(2), start).squeeze(2).transpose(0, 1)
+        seen = keys[:, :end]                                                      # [b, t, rank + rope]
 
-        q_latent = torch.einsum("sbhd,hdr->bhsr", q_nope, self.w_uk)
-        scores = torch.einsum("bhsr,btr->bhst", q_latent, c_all)
-        scores = scores + torch.einsum("sbhd,btd->bhst", q_rope, r_all)
-        scores = scores * self.scale
+        # The query in latent space per head, (q_nope W_UK, rotated q_rope), as rows (b, head, position).
+        q_latent = torch.bmm(q[..., : self.nope].reshape(s * b, h, self.nope).transpose(0, 1), self.w_uk)
+        q_latent = q_latent.view(h, s, b, self.rank).permute(2, 0, 1, 3)         # [b, h, s, rank]
+        q_rope = self.rotary.apply(q[..., self.nope :], start).permute(1, 2, 0, 3)  # [b, h, s, rope]
+        query = torch.cat([q_latent, q_rope], dim=-1).reshape(b, h * s, self.rank + self.rope)
+        scores = torch.bmm(query, seen.transpose(1, 2)) * self.scale             # [b, h * s, t]
         if s > 1:  # a single new token sees every cached position: no mask to build
-            pos_q = torch.arange(start, end, device=x.device).unsqueeze(1)
-            pos_k = torch.arange(end, device=x.device).unsqueeze(0)
-            scores = scores.masked_fill(pos_k > pos_q, float("-inf"))
-        probs = torch.softmax(scores.float(), dim=-1).to(c_all.dtype)
-        ctx_latent = torch.einsum("bhst,btr->sbhr", probs, c_all)
-        ctx = torch.einsum("sbhr,hvr->sbhv", ctx_latent, self.w_uv).reshape(s, b, self.heads * self.vdim)
-        return _out(a.linear_proj(ctx))
+            future = torch.ones(s, end, dtype=torch.bool, device=x.device).triu(start + 1)
+            scores = scores.view(b, h, s, end).masked_fill(future, float("-inf")).view(b, h * s, end)
+        probs = torch.softmax(scores.float(), dim=-1).to(seen.dtype)
+        ctx_latent = torch.bmm(probs, seen[..., : self.rank])                    # [b, h * s, rank]
+        ctx_latent = ctx_latent.view(b, h, s, self.rank).permute(1, 2, 0, 3).reshape(h, s * b, self.rank)
+        ctx = torch.bmm(ctx_latent, self.w_uv_t)                                 # [h, s * b, vdim]
+        return self.proj(ctx.transpose(0, 1).reshape(s, b, h * self.vdim))
 
 
 class CachedLayer:
@@ -152,8 +155,9 @@ class CachedLayer:
             raise ValueError("apply_residual_connection_post_layernorm is not DeepSeek-V3's layout")
         self.layer = layer
         self.attention = AbsorbedMLA(layer.self_attention, capacity)
+        self.feed_forward = plain_feed_forward(layer.mlp)
 
     def __call__(self, h: torch.Tensor, cache: LatentCache, index: int, start: int) -> torch.Tensor:
         layer = self.layer
         h = h + self.attention(layer.input_layernorm(h), cache, index, start)
-        return h + _out(layer.mlp(layer.pre_mlp_layernorm(h)))
+        return h + self.feed_forward(layer.pre_mlp_layernorm(h))

@@ -40,6 +40,8 @@ class RMSNorm(torch.nn.RMSNorm):
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # no graph: skip the Function's cost
         return _RMSNormFunction.apply(x, self.weight, self.eps)
 
 

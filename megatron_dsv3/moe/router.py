@@ -59,15 +59,9 @@ class DeepSeekRouter(TopKRouter):
     megatron-core's post-softmax gate (softmax over the selected logits, `moe_router_pre_softmax` off) equals
     DeepSeek's softmax gate normalised over the top-k, so it is honoured as `norm_topk_prob`."""
 
-    def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
-        seq_length, bsz = logits.shape[:2]
-        num_experts = self.config.num_moe_experts
-        logits = logits.view(-1, num_experts)
-        if padding_mask is not None:
-            padding_mask = padding_mask.reshape(-1)
-        logits = self.apply_z_loss(logits, padding_mask=padding_mask)
-
-        gates, indices = deepseek_topk(
+    def select(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gates [T, k], expert indices [T, k]) for router logits [T, experts], as this layer's flags ask."""
+        return deepseek_topk(
             logits,
             self.topk,
             score_function=self.score_function,
@@ -79,6 +73,16 @@ class DeepSeekRouter(TopKRouter):
             scaling_factor=self.config.moe_router_topk_scaling_factor or 1.0,
             group_score=getattr(self.config, "moe_router_group_score", "top2_sum"),
         )
+
+    def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        seq_length, bsz = logits.shape[:2]
+        num_experts = self.config.num_moe_experts
+        logits = logits.view(-1, num_experts)
+        if padding_mask is not None:
+            padding_mask = padding_mask.reshape(-1)
+        logits = self.apply_z_loss(logits, padding_mask=padding_mask)
+
+        gates, indices = self.select(logits)
         probs = torch.zeros_like(logits, dtype=gates.dtype).scatter(1, indices, gates)
         routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter(1, indices, True)
         if self.config.moe_expert_capacity_factor is not None:

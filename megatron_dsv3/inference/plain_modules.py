@@ -1,0 +1,129 @@
+"""The model's linears, MLPs and MoE layers as plain tensor arithmetic for decoding (TP=1, EP=1).
+
+Training's MoE layer runs every local expert behind the all-to-all dispatcher whatever the batch; a decode
+step holds a handful of tokens, so here each token is routed with the layer's own gate and only the experts
+that received tokens run, each once over all of its tokens. Linears read the modules' weights directly:
+megatron-core's tensor-parallel autograd wrappers do nothing at TP=1 but cost time on every call.
+Anything without a plain form here (FP8 linears, token dropping, other activations) runs its own module.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.mlp import MLP
+from megatron.core.transformer.moe.moe_layer import MoELayer
+
+from megatron_dsv3.moe.router import DeepSeekRouter
+
+Step = Callable[[torch.Tensor], torch.Tensor]
+
+
+def module_output(result):
+    """Megatron modules return (output, bias) or (output, None); fold the bias in when there is one."""
+    if isinstance(result, tuple):
+        out, bias = result[0], result[1] if len(result) > 1 else None
+        return out if bias is None else out + bias
+    return result
+
+
+def _calls(module) -> Step:
+    return lambda x: module_output(module(x))
+
+
+def plain_linear(module) -> Step:
+    """x -> x W^T (+ b): one F.linear for a local megatron-core linear at TP=1, else the module itself."""
+    tp = getattr(getattr(module, "config", None), "tensor_model_parallel_size", 1)
+    if type(module) not in (ColumnParallelLinear, RowParallelLinear) or tp != 1 or module.weight is None:
+        return _calls(module)
+    bias = module.bias if getattr(module, "bias", None) is not None and module.bias.numel() else None
+    return partial(F.linear, weight=module.weight, bias=bias)
+
+
+def _is_swiglu(mlp) -> bool:
+    return mlp.config.gated_linear_unit and mlp.config.activation_func is F.silu
+
+
+def _swiglu(x: torch.Tensor) -> torch.Tensor:
+    gate, up = torch.chunk(x, 2, dim=-1)
+    return F.silu(gate) * up
+
+
+def plain_mlp(mlp) -> Step:
+    """A dense SwiGLU MLP (the first-k dense layers, the shared experts) as two plain linears."""
+    if type(mlp) is MLP or (type(mlp).__name__ == "SharedExpertMLP" and not mlp.use_shared_expert_gate):
+        if _is_swiglu(mlp):
+            fc1, fc2 = plain_linear(mlp.linear_fc1), plain_linear(mlp.linear_fc2)
+            return lambda x: fc2(_swiglu(fc1(x)))
+    return _calls(mlp)
+
+
+class RoutedExperts:
+    """One MoE layer for a few tokens: the layer's gate and DeepSeek selection, then each chosen expert's
+    SwiGLU once over all tokens routed to it, weighted by its gate and summed with the shared experts."""
+
+    def __init__(self, moe: MoELayer):
+        self.moe, self.router = moe, moe.router
+        experts = moe.experts.local_experts
+        # One tensor per projection holding every expert's weights; the experts' own weights become views
+        # of it (same values, no second copy), so a few tokens gather their experts' weights in one index.
+        with torch.no_grad():
+            self.fc1 = torch.stack([e.linear_fc1.weight for e in experts])      # [E, 2 * ffn, hidden]
+            self.fc2 = torch.stack([e.linear_fc2.weight for e in experts])      # [E, hidden, ffn]
+            for i, e in enumerate(experts):
+                e.linear_fc1.weight.data, e.linear_fc2.weight.data = self.fc1[i], self.fc2[i]
+        self.weights = [(e.linear_fc1.weight, e.linear_fc2.weight) for e in experts]
+        self.shared = plain_mlp(moe.shared_experts) if moe.shared_experts is not None else None
+        cfg = moe.config
+        self.router_dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(cfg.moe_router_dtype)
+
+    @staticmethod
+    def applies_to(mlp) -> bool:
+        cfg = mlp.config
+        return (isinstance(mlp, MoELayer) and isinstance(mlp.router, DeepSeekRouter)
+                and getattr(mlp.experts, "local_experts", None) is not None and _is_swiglu(mlp.experts)
+                and cfg.moe_expert_capacity_factor is None and not cfg.moe_apply_probs_on_input
+                and mlp.experts.num_local_experts == cfg.num_moe_experts
+                and all(type(e.linear_fc1) is ColumnParallelLinear for e in mlp.experts.local_experts))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        router = self.router
+        dtype = self.router_dtype or flat.dtype
+        logits = F.linear(flat.to(dtype), router.weight.to(dtype), None if router.bias is None else router.bias.to(dtype))
+        gates, chosen = router.select(logits)
+        gates = gates.to(flat.dtype)
+        if 2 * chosen.numel() <= len(self.weights):  # few pairs: gather their weights, two batched matmuls
+            x = flat.unsqueeze(1).expand(-1, chosen.shape[1], -1).reshape(-1, 1, flat.shape[-1])
+            hidden = _swiglu(torch.bmm(x, self.fc1[chosen.reshape(-1)].transpose(1, 2)))
+            hidden = hidden * gates.reshape(-1, 1, 1)
+            out = torch.bmm(hidden, self.fc2[chosen.reshape(-1)].transpose(1, 2)).view(*chosen.shape, -1).sum(1)
+            return (out if self.shared is None else out + self.shared(flat)).view(shape)
+        pairs = chosen.reshape(-1)                                   # [tokens * k] expert of each pair
+        order = torch.argsort(pairs, stable=True)
+        token_of = order // chosen.shape[1]
+        counts = torch.bincount(pairs, minlength=len(self.weights)).tolist()
+        out = torch.zeros_like(flat)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            tokens = token_of[start:start + count]
+            fc1, fc2 = self.weights[expert]
+            weight = gates.reshape(-1)[order[start:start + count]].unsqueeze(-1)
+            out.index_add_(0, tokens, F.linear(_swiglu(F.linear(flat[tokens], fc1)) * weight, fc2))
+            start += count
+        if self.shared is not None:
+            out = out + self.shared(flat)
+        return out.view(shape)
+
+
+def plain_feed_forward(mlp) -> Step:
+    """A decoder layer's MLP slot: routed experts, dense MLP, or the module itself."""
+    if RoutedExperts.applies_to(mlp):
+        return RoutedExperts(mlp)
+    return plain_mlp(mlp)
