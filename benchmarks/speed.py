@@ -107,6 +107,7 @@ def spec_section(args) -> dict:
     """Reuses benchmarks/mtp_speculative.py (the newest `make run` checkpoint, trained first if missing)."""
     import mtp_speculative
 
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # it sets torch's thread count from this
     r = mtp_speculative.main(["--new-tokens", str(args.spec_new_tokens)])
     print(f"speculative: acceptance {r['acceptance_rate']:.2f}, {r['spec_tokens_per_main_step']:.2f} tokens per "
           f"main step, wall clock {r['wall_speedup']:.2f}x greedy, tokens identical: {r['outputs_identical']}")

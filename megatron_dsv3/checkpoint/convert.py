@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_dsv3.checkpoint import dcp_io
+from megatron_dsv3.checkpoint.errors import all_finite
 from megatron_dsv3.compat import in_process_write_results
 from megatron_dsv3.checkpoint.dist import _barrier, _broadcast, _rank, _world
 from megatron_dsv3.checkpoint.mapping import build_template, mtp_duplicates, quantized_in_fp8, rope_order
@@ -138,7 +139,7 @@ def _convert_in(src: HFIndex, handles: dict, piece, dtype: Optional[torch.dtype]
         t = t.to(dtype)
     if piece.rope is not None and not interleaved:
         t = t[rope_order(*piece.rope, to_interleaved=True)]
-    if t.is_floating_point() and not torch.isfinite(t).all():
+    if not all_finite(t):
         _fail(f"{piece.hf_name}: holds NaN or Inf values; refusing to import them")
     return t
 
@@ -403,7 +404,7 @@ def mcore_to_hf(input_dir, output_dir, *, fp8: bool = False, max_shard_size="5GB
                 seen.add(where)
                 if piece.rope is not None and not interleaved:
                     t = t[rope_order(*piece.rope, to_interleaved=False)]
-                if t.is_floating_point() and not torch.isfinite(t).all():
+                if not all_finite(t):
                     _fail(f"{piece.key}: holds NaN or Inf values; refusing to export them (as {name})")
                 if fp8 and quantized_in_fp8(name, piece.shape):
                     t, scale = quantize_blockwise(t, FP8_BLOCK, name=name)

@@ -1,4 +1,5 @@
-"""The checkpoint format's file names and its one-line errors, shared by saving, loading, checks and conversion."""
+"""The checkpoint format's file names, its one-line errors and the value check behind one, shared by saving, loading,
+checks and conversion."""
 from __future__ import annotations
 
 import json
@@ -33,3 +34,16 @@ def read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
         fail(path, f"corrupt JSON ({exc})")
+
+
+def all_finite(t) -> bool:
+    """No NaN or Inf in a tensor: one min/max pass (both propagate NaN) without a mask of the tensor's size."""
+    import torch
+
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    if t.element_size() == 1:  # FP8 has no min/max kernels
+        t = t.float()
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+

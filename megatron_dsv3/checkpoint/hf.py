@@ -11,6 +11,7 @@ from typing import Any, Mapping
 import torch
 from megatron.core import parallel_state
 
+from megatron_dsv3.checkpoint.errors import all_finite
 from megatron_dsv3.checkpoint.mapping import rope_order
 from megatron_dsv3.config import TOPK_METHODS, DSV3Config, YarnConfig
 
@@ -253,7 +254,7 @@ def load_hf_state_dict(model: torch.nn.Module, hf_state_dict: Mapping[str, torch
     if unexpected:
         raise ValueError(f"Hugging Face state dict: unexpected tensor {unexpected[0]!r}"
                          + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
-    bad = next((n for n, t in hf_state_dict.items() if t.is_floating_point() and not torch.isfinite(t.float()).all()),
+    bad = next((n for n, t in hf_state_dict.items() if not all_finite(t)),
                None)
     if bad is not None:
         raise ValueError(f"Hugging Face state dict: tensor {bad!r} holds NaN or Inf values")

@@ -17,6 +17,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
+from megatron_dsv3.moe.grouped_experts import grouped_linear
 from megatron_dsv3.moe.router import DeepSeekRouter
 
 Step = Callable[[torch.Tensor], torch.Tensor]
@@ -75,7 +76,6 @@ class RoutedExperts:
             self.fc2 = torch.stack([e.linear_fc2.weight for e in experts])      # [E, hidden, ffn]
             for i, e in enumerate(experts):
                 e.linear_fc1.weight.data, e.linear_fc2.weight.data = self.fc1[i], self.fc2[i]
-        self.weights = [(e.linear_fc1.weight, e.linear_fc2.weight) for e in experts]
         self.shared = plain_mlp(moe.shared_experts) if moe.shared_experts is not None else None
         cfg = moe.config
         self.router_dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(cfg.moe_router_dtype)
@@ -97,26 +97,18 @@ class RoutedExperts:
         logits = F.linear(flat.to(dtype), router.weight.to(dtype), None if router.bias is None else router.bias.to(dtype))
         gates, chosen = router.select(logits)
         gates = gates.to(flat.dtype)
-        if 2 * chosen.numel() <= len(self.weights):  # few pairs: gather their weights, two batched matmuls
+        if 2 * chosen.numel() <= self.fc1.shape[0]:  # few pairs: gather their weights, two batched matmuls
             x = flat.unsqueeze(1).expand(-1, chosen.shape[1], -1).reshape(-1, 1, flat.shape[-1])
             hidden = _swiglu(torch.bmm(x, self.fc1[chosen.reshape(-1)].transpose(1, 2)))
             hidden = hidden * gates.reshape(-1, 1, 1)
             out = torch.bmm(hidden, self.fc2[chosen.reshape(-1)].transpose(1, 2)).view(*chosen.shape, -1).sum(1)
             return (out if self.shared is None else out + self.shared(flat)).view(shape)
-        pairs = chosen.reshape(-1)                                   # [tokens * k] expert of each pair
-        order = torch.argsort(pairs, stable=True)
+        pairs = chosen.reshape(-1)                                   # more: tokens sorted by expert, then
+        order = torch.argsort(pairs, stable=True)                    # one grouped GEMM per projection
         token_of = order // chosen.shape[1]
-        counts = torch.bincount(pairs, minlength=len(self.weights)).tolist()
-        out = torch.zeros_like(flat)
-        start = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            tokens = token_of[start:start + count]
-            fc1, fc2 = self.weights[expert]
-            weight = gates.reshape(-1)[order[start:start + count]].unsqueeze(-1)
-            out.index_add_(0, tokens, F.linear(_swiglu(F.linear(flat[tokens], fc1)) * weight, fc2))
-            start += count
+        offsets = torch.bincount(pairs, minlength=self.fc1.shape[0]).cumsum(0).to(torch.int32)
+        hidden = _swiglu(grouped_linear(flat[token_of], self.fc1, offsets)) * gates.reshape(-1)[order].unsqueeze(-1)
+        out = torch.zeros_like(flat).index_add_(0, token_of, grouped_linear(hidden, self.fc2, offsets))
         if self.shared is not None:
             out = out + self.shared(flat)
         return out.view(shape)

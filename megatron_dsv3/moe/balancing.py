@@ -21,7 +21,8 @@ def global_expert_loads(routers: list[torch.nn.Module]) -> torch.Tensor:
     loads = torch.stack([r.local_tokens_per_expert for r in routers]).clone()
     if torch.distributed.is_initialized():
         group = parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
-        torch.distributed.all_reduce(loads, group=group)
+        if group.size() > 1:
+            torch.distributed.all_reduce(loads, group=group)
     return loads
 
 

@@ -14,7 +14,7 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.moe.experts import SequentialMLP
 
 
-def _grouped_linear(x: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def grouped_linear(x: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Row block g of `x` (rows offsets[g-1]:offsets[g]) times weights[g]^T, for every group at once
     (one GEMM per group where grouped_mm's 16-byte alignment does not hold)."""
     if any(n * x.element_size() % 16 for n in weights.shape[1:]):
@@ -48,12 +48,12 @@ class GroupedMLP(SequentialMLP):
         offsets = torch.as_tensor(tokens_per_expert, device=hidden.device).cumsum(0).to(torch.int32)
         fc1 = torch.stack([expert.linear_fc1.weight for expert in self.local_experts])
         fc2 = torch.stack([expert.linear_fc2.weight for expert in self.local_experts])
-        intermediate = _grouped_linear(hidden, fc1, offsets)
+        intermediate = grouped_linear(hidden, fc1, offsets)
         if self.activation_recompute:
             checkpoint = tensor_parallel.CheckpointWithoutOutput(fp8=None)  # (fp8=False would mean True)
             activated = checkpoint.checkpoint(self._activation, intermediate, probs)
-            output = _grouped_linear(activated, fc2, offsets)
+            output = grouped_linear(activated, fc2, offsets)
             checkpoint.discard_output_and_register_recompute(output)
         else:
-            output = _grouped_linear(self._activation(intermediate, probs), fc2, offsets)
+            output = grouped_linear(self._activation(intermediate, probs), fc2, offsets)
         return output, None

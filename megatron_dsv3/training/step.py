@@ -41,10 +41,13 @@ class LoadCapture:
         self.model_chunks = model_chunks
         self.loads: dict[str, torch.Tensor] = {}
         self.biases: dict[str, torch.Tensor] = {}
+        self._routers = None  # found once: walking every module each step costs a millisecond
 
     def __call__(self, model, num_tokens=None, **kwargs):
-        routers = biased_routers(self.model_chunks)
-        names = router_names(routers)
+        if self._routers is None:
+            self._routers = biased_routers(self.model_chunks)
+            self._names = router_names(self._routers)
+        routers, names = self._routers, self._names
         if routers:
             self.loads = dict(zip(names, global_expert_loads(routers)))
         result = finalize_model_grads(model, num_tokens, **kwargs)
