@@ -96,15 +96,26 @@ def test_cached_decoding_matches_beyond_the_yarn_original_context(runtime):
     assert worst <= TOL, worst
 
 
-@pytest.mark.parametrize("tokens", [1, 3])  # 2 pairs gather their experts' weights; 6 pairs run grouped GEMMs
-def test_routed_experts_equal_the_moe_layer_and_run_only_the_chosen_experts(runtime, tokens):
+@pytest.mark.parametrize("tokens,in_buffer", [(1, False), (3, False), (3, True)])
+def test_routed_experts_equal_the_moe_layer_and_run_only_the_chosen_experts(runtime, tokens, in_buffer):
     """Decode's MoE step equals the training MoE layer, and experts no token chose are never computed: their
-    weights, poisoned with NaN after the reference, leave the output finite and unchanged."""
+    weights, poisoned with NaN after the reference, leave the output finite and unchanged. 2 pairs gather
+    their experts' weights, 6 run grouped GEMMs; weights inside a larger buffer (as megatron-core's DDP keeps
+    them) are read in place, expert by expert."""
     from megatron_dsv3.inference.plain_modules import RoutedExperts, module_output
 
     cfg, model = build(runtime)
     moe = model.decoder.layers[1].mlp
+    if in_buffer:
+        params = [p for p in moe.parameters()][::-1]
+        buffer = torch.zeros(sum(p.numel() for p in params) + 7)
+        offset = 7
+        for p in params:
+            view = buffer[offset:offset + p.numel()].view_as(p)
+            view.copy_(p.data)
+            p.data, offset = view, offset + p.numel()
     fast = RoutedExperts(moe)
+    assert (fast.fc1 is None) == in_buffer
     x = torch.randn(tokens, 1, cfg.hidden_size)
     with torch.no_grad():
         want = module_output(moe(x))
@@ -116,7 +127,9 @@ def test_routed_experts_equal_the_moe_layer_and_run_only_the_chosen_experts(runt
                 expert.linear_fc1.weight.fill_(float("nan"))
                 expert.linear_fc2.weight.fill_(float("nan"))
         got = fast(x)
-    assert torch.isnan(fast.fc1).any()  # the experts' weights are views of the stacked tensor
+    if not in_buffer:
+        assert torch.isnan(fast.fc1).any()  # the experts' weights are views of the stacked tensor,
+        assert RoutedExperts(moe).fc1.data_ptr() == fast.fc1.data_ptr()  # which a second engine reuses
     assert torch.allclose(got, want, atol=1e-6)
 
 

@@ -9,7 +9,7 @@ Anything without a plain form here (FP8 linears, token dropping, other activatio
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +62,27 @@ def plain_mlp(mlp) -> Step:
     return _calls(mlp)
 
 
+@torch.no_grad()
+def _stacked(weights: list[torch.Tensor]) -> Optional[torch.Tensor]:
+    """One [E, ...] tensor holding every expert's weight, so a few tokens gather their experts' weights in
+    one index; None where the weights cannot share one without a copy that training would leave stale.
+
+    Weights that already lie consecutively in one storage (an earlier engine's stack) are viewed as is. Weights
+    that each own their storage move into a new stack and become views of it (same values, no second copy).
+    Weights inside a larger buffer (megatron-core DDP's) stay where they are."""
+    first, size = weights[0], weights[0].numel()
+    if all(w.is_contiguous() and w.shape == first.shape and w.untyped_storage().data_ptr() ==
+           first.untyped_storage().data_ptr() and w.storage_offset() == first.storage_offset() + i * size
+           for i, w in enumerate(weights)):
+        return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (len(weights), *first.shape))
+    if any(w.untyped_storage().nbytes() != w.numel() * w.element_size() for w in weights):
+        return None
+    stacked = torch.stack(weights)
+    for i, w in enumerate(weights):
+        w.data = stacked[i]
+    return stacked
+
+
 class RoutedExperts:
     """One MoE layer for a few tokens: the layer's gate and DeepSeek selection, then each chosen expert's
     SwiGLU once over all tokens routed to it, weighted by its gate and summed with the shared experts."""
@@ -69,13 +90,11 @@ class RoutedExperts:
     def __init__(self, moe: MoELayer):
         self.moe, self.router = moe, moe.router
         experts = moe.experts.local_experts
-        # One tensor per projection holding every expert's weights; the experts' own weights become views
-        # of it (same values, no second copy), so a few tokens gather their experts' weights in one index.
-        with torch.no_grad():
-            self.fc1 = torch.stack([e.linear_fc1.weight for e in experts])      # [E, 2 * ffn, hidden]
-            self.fc2 = torch.stack([e.linear_fc2.weight for e in experts])      # [E, hidden, ffn]
-            for i, e in enumerate(experts):
-                e.linear_fc1.weight.data, e.linear_fc2.weight.data = self.fc1[i], self.fc2[i]
+        self.weights = [(e.linear_fc1.weight, e.linear_fc2.weight) for e in experts]
+        self.fc1 = _stacked([w for w, _ in self.weights])    # [E, 2 * ffn, hidden]
+        self.fc2 = _stacked([w for _, w in self.weights])    # [E, hidden, ffn]
+        if self.fc1 is None or self.fc2 is None:
+            self.fc1 = self.fc2 = None
         self.shared = plain_mlp(moe.shared_experts) if moe.shared_experts is not None else None
         cfg = moe.config
         self.router_dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(cfg.moe_router_dtype)
@@ -97,6 +116,8 @@ class RoutedExperts:
         logits = F.linear(flat.to(dtype), router.weight.to(dtype), None if router.bias is None else router.bias.to(dtype))
         gates, chosen = router.select(logits)
         gates = gates.to(flat.dtype)
+        if self.fc1 is None:
+            return self._expert_by_expert(flat, gates, chosen).view(shape)
         if 2 * chosen.numel() <= self.fc1.shape[0]:  # few pairs: gather their weights, two batched matmuls
             x = flat.unsqueeze(1).expand(-1, chosen.shape[1], -1).reshape(-1, 1, flat.shape[-1])
             hidden = _swiglu(torch.bmm(x, self.fc1[chosen.reshape(-1)].transpose(1, 2)))
@@ -112,6 +133,21 @@ class RoutedExperts:
         if self.shared is not None:
             out = out + self.shared(flat)
         return out.view(shape)
+
+    def _expert_by_expert(self, flat: torch.Tensor, gates: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """Each chosen expert once over all of its tokens, reading its own weights (no stacked tensor)."""
+        pairs = chosen.reshape(-1)
+        order = torch.argsort(pairs, stable=True)
+        token_of = order // chosen.shape[1]
+        out = torch.zeros_like(flat)
+        start = 0
+        for expert, count in enumerate(torch.bincount(pairs, minlength=len(self.weights)).tolist()):
+            if count:
+                rows, (fc1, fc2) = slice(start, start + count), self.weights[expert]
+                hidden = _swiglu(F.linear(flat[token_of[rows]], fc1)) * gates.reshape(-1)[order[rows]].unsqueeze(-1)
+                out.index_add_(0, token_of[rows], F.linear(hidden, fc2))
+                start += count
+        return out if self.shared is None else out + self.shared(flat)
 
 
 def plain_feed_forward(mlp) -> Step:
