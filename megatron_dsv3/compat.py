@@ -78,6 +78,13 @@ def load_checkpoint_objects_without_code() -> None:
     MCoreLoadPlanner.load_bytes = _load_bytes_without_code
 
 
+def uncompiled(function):
+    """The eager function behind a torch.compile'd one. megatron/core/jit.py makes `jit_fuser` torch.compile,
+    and transformer/moe/router.py TopKRouter._apply_expert_bias (one sum and one add per MoE layer) carries
+    it: compiling costs ~1 s per training process (inductor builds C++ on CPU) and a guard check per call."""
+    return getattr(function, "__wrapped__", function)
+
+
 def list_balancing_types_for_logging(args) -> None:
     """megatron/training/training.py training_log picks the MoE losses to report with
     `"aux_loss" in args.moe_router_load_balancing_type`, a substring test once validate_args has turned a

@@ -25,10 +25,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_dsv3.checkpoint import dcp_io
-from megatron_dsv3.checkpoint.errors import all_finite
-from megatron_dsv3.compat import in_process_write_results
 from megatron_dsv3.checkpoint.dist import _barrier, _broadcast, _rank, _world
+from megatron_dsv3.checkpoint.errors import all_finite
 from megatron_dsv3.checkpoint.mapping import build_template, mtp_duplicates, quantized_in_fp8, rope_order
+from megatron_dsv3.compat import in_process_write_results
 
 FP8_BLOCK = (128, 128)
 HF_CONFIG = "hf_config.json"  # the source config.json, kept inside the iteration folder for the way back

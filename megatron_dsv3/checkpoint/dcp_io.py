@@ -17,11 +17,11 @@ from typing import Sequence
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
-
-from megatron_dsv3.checkpoint import safe_unpickle
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+
+from megatron_dsv3.checkpoint import safe_unpickle
 
 DCP_METADATA = ".metadata"
 

@@ -79,7 +79,7 @@ class InferenceEngine:
         mtp = getattr(model, "mtp", None)
         self.mtp_layers = [CachedLayer(m.mtp_model_layer, self.capacity) for m in mtp.layers] if mtp else []
         self._output_layer = plain_linear(model.output_layer)
-        self._eh_proj = [plain_linear(m.eh_proj) for m in mtp.layers] if mtp else []
+        self._mtp_eh_proj = plain_linear(mtp.layers[0].eh_proj) if mtp else None  # the first MTP module drafts
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
 
@@ -135,7 +135,7 @@ class InferenceEngine:
         mtp = self.model.mtp.layers[0]
         start = cache.length
         e = mtp.enorm(self._embed(next_ids.to(self.device), start + 1))
-        x = self._eh_proj[0](torch.cat([e, mtp.hnorm(hidden)], dim=-1))
+        x = self._mtp_eh_proj(torch.cat([e, mtp.hnorm(hidden)], dim=-1))
         x = self.mtp_layers[0](x, cache, 0, start)
         cache.length = start + next_ids.shape[1]
         return self._logits(mtp.final_layernorm(x[-1:] if last_only else x))

@@ -96,8 +96,6 @@ class RoutedExperts:
         if self.fc1 is None or self.fc2 is None:
             self.fc1 = self.fc2 = None
         self.shared = plain_mlp(moe.shared_experts) if moe.shared_experts is not None else None
-        cfg = moe.config
-        self.router_dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(cfg.moe_router_dtype)
 
     @staticmethod
     def applies_to(mlp) -> bool:
@@ -111,10 +109,7 @@ class RoutedExperts:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        router = self.router
-        dtype = self.router_dtype or flat.dtype
-        logits = F.linear(flat.to(dtype), router.weight.to(dtype), None if router.bias is None else router.bias.to(dtype))
-        gates, chosen = router.select(logits)
+        gates, chosen = self.router.select(self.router.gating(flat))
         gates = gates.to(flat.dtype)
         if self.fc1 is None:
             return self._expert_by_expert(flat, gates, chosen).view(shape)
@@ -124,24 +119,26 @@ class RoutedExperts:
             hidden = hidden * gates.reshape(-1, 1, 1)
             out = torch.bmm(hidden, self.fc2[chosen.reshape(-1)].transpose(1, 2)).view(*chosen.shape, -1).sum(1)
             return (out if self.shared is None else out + self.shared(flat)).view(shape)
-        pairs = chosen.reshape(-1)                                   # more: tokens sorted by expert, then
-        order = torch.argsort(pairs, stable=True)                    # one grouped GEMM per projection
-        token_of = order // chosen.shape[1]
-        offsets = torch.bincount(pairs, minlength=self.fc1.shape[0]).cumsum(0).to(torch.int32)
+        order, token_of, counts = self._by_expert(chosen)           # more: one grouped GEMM per projection
+        offsets = counts.cumsum(0).to(torch.int32)
         hidden = _swiglu(grouped_linear(flat[token_of], self.fc1, offsets)) * gates.reshape(-1)[order].unsqueeze(-1)
         out = torch.zeros_like(flat).index_add_(0, token_of, grouped_linear(hidden, self.fc2, offsets))
         if self.shared is not None:
             out = out + self.shared(flat)
         return out.view(shape)
 
-    def _expert_by_expert(self, flat: torch.Tensor, gates: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-        """Each chosen expert once over all of its tokens, reading its own weights (no stacked tensor)."""
+    def _by_expert(self, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The (token, expert) pairs sorted by expert: their flat indices, their tokens, pairs per expert."""
         pairs = chosen.reshape(-1)
         order = torch.argsort(pairs, stable=True)
-        token_of = order // chosen.shape[1]
+        return order, order // chosen.shape[1], torch.bincount(pairs, minlength=len(self.weights))
+
+    def _expert_by_expert(self, flat: torch.Tensor, gates: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """Each chosen expert once over all of its tokens, reading its own weights (no stacked tensor)."""
+        order, token_of, counts = self._by_expert(chosen)
         out = torch.zeros_like(flat)
         start = 0
-        for expert, count in enumerate(torch.bincount(pairs, minlength=len(self.weights)).tolist()):
+        for expert, count in enumerate(counts.tolist()):
             if count:
                 rows, (fc1, fc2) = slice(start, start + count), self.weights[expert]
                 hidden = _swiglu(F.linear(flat[token_of[rows]], fc1)) * gates.reshape(-1)[order[rows]].unsqueeze(-1)

@@ -7,6 +7,8 @@ import torch
 from megatron.core.transformer.moe.moe_utils import apply_router_token_dropping, compute_routing_scores_for_aux_loss
 from megatron.core.transformer.moe.router import TopKRouter
 
+from megatron_dsv3 import compat
+
 
 def deepseek_topk(
     logits: torch.Tensor,
@@ -74,15 +76,8 @@ class DeepSeekRouter(TopKRouter):
             group_score=getattr(self.config, "moe_router_group_score", "top2_sum"),
         )
 
-    def _apply_expert_bias(self, routing_map: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
-        """Count each expert's tokens for the bias update (training forwards only, not recomputation), as
-        megatron-core's does; eager, because its torch.compile'd one costs seconds of compilation per process
-        on CPU and a guard check on every call, for one sum and one add."""
-        if self.enable_expert_bias and torch.is_grad_enabled():
-            with torch.no_grad():
-                if padding_mask is not None:
-                    routing_map = routing_map & (~padding_mask)
-                self.local_tokens_per_expert += routing_map.sum(dim=0)
+    # Count each expert's tokens for the bias update as megatron-core does, without its torch.compile.
+    _apply_expert_bias = compat.uncompiled(TopKRouter._apply_expert_bias)
 
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         seq_length, bsz = logits.shape[:2]

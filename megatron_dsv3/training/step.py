@@ -41,13 +41,11 @@ class LoadCapture:
         self.model_chunks = model_chunks
         self.loads: dict[str, torch.Tensor] = {}
         self.biases: dict[str, torch.Tensor] = {}
-        self._routers = None  # found once: walking every module each step costs a millisecond
+        self.routers = biased_routers(model_chunks)  # found once: walking every module each step costs ~1 ms
+        self.names = router_names(self.routers)
 
     def __call__(self, model, num_tokens=None, **kwargs):
-        if self._routers is None:
-            self._routers = biased_routers(self.model_chunks)
-            self._names = router_names(self._routers)
-        routers, names = self._routers, self._names
+        routers, names = self.routers, self.names
         if routers:
             self.loads = dict(zip(names, global_expert_loads(routers)))
         result = finalize_model_grads(model, num_tokens, **kwargs)
