@@ -1,4 +1,4 @@
-"""Named model specs for megatron-core (`--model-spec NAME`); `dsv3` is registered when the package is imported."""
+"""Named model specs for megatron-core (`--model-spec NAME`); the built-in `dsv3` spec is loaded on first use."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,6 +15,15 @@ class ModelSpec:
 
 
 _SPECS: dict[str, ModelSpec] = {}
+_BUILTIN = {"dsv3": "megatron_dsv3.model.specs"}  # name -> module whose import registers it (megatron-core)
+
+
+def _load_builtins() -> None:
+    import importlib
+
+    for name, module in _BUILTIN.items():
+        if name not in _SPECS:
+            importlib.import_module(module)
 
 
 def register(spec: ModelSpec, *, replace: bool = False) -> ModelSpec:
@@ -27,6 +36,7 @@ def register(spec: ModelSpec, *, replace: bool = False) -> ModelSpec:
 
 def get(name: str) -> ModelSpec:
     """The spec registered as `name`, or a ValueError listing the known ones."""
+    _load_builtins()
     try:
         return _SPECS[name]
     except KeyError:
@@ -34,4 +44,5 @@ def get(name: str) -> ModelSpec:
 
 
 def names() -> list[str]:
+    _load_builtins()
     return sorted(_SPECS)

@@ -71,6 +71,9 @@ def test_round_trip_is_bit_identical(runtime, tmp_path, dtype):
     _, _, state, config = tiny_checkpoint(tmp_path, dtype)
     src = write_hf(tmp_path / "hf", state, config)
     assert convert.main(["hf-to-mcore", "--input", str(src), "--output", str(tmp_path / "ckpt"), "--no-progress"]) == 0
+    from megatron.core.dist_checkpointing.validation import verify_integrity_manifest
+
+    verify_integrity_manifest(str(tmp_path / "ckpt" / "iter_0000000"))  # megatron-core accepts our manifest
     assert convert.main(["mcore-to-hf", "--input", str(tmp_path / "ckpt"), "--output", str(tmp_path / "back"),
                          "--max-shard-size", "40KB", "--no-progress"]) == 0
     assert len(list((tmp_path / "back").glob("*.safetensors"))) > 3
@@ -85,6 +88,50 @@ def test_rotate_half_rope_round_trip(runtime, tmp_path):
     convert.hf_to_mcore(src, tmp_path / "ckpt", progress=False)
     convert.mcore_to_hf(tmp_path / "ckpt", tmp_path / "back", progress=False)
     assert_identical(read_hf(tmp_path / "back"), state)
+
+
+def _megatron_core_layout(cfg):
+    """The oracle: keys, global shapes, chunk offsets and object keys from megatron-core's sharded_state_dict()."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensorFactory
+
+    with torch.device("meta"):
+        model = m.build_model(cfg, backend="local", perform_initialization=False)
+    tensors, objects = [], []
+    for item in model.sharded_state_dict().values():
+        if isinstance(item, ShardedObject):
+            objects.append(item.unique_key)
+            continue
+        parts = item.build() if isinstance(item, ShardedTensorFactory) else [item]
+        for t in parts.values() if isinstance(parts, dict) else parts:
+            tensors.append((t.key, tuple(t.global_shape), tuple(t.global_offset),
+                            (1,) * t.prepend_axis_num + tuple(t.local_shape)))
+    return tensors, objects
+
+
+@pytest.mark.parametrize("changes", [
+    {},
+    dict(q_lora_rank=None, tie_word_embeddings=True, n_shared_experts=2, num_nextn_predict_layers=2),
+    dict(n_shared_experts=0, num_nextn_predict_layers=0, first_k_dense_replace=0, n_routed_experts=4, n_group=2,
+         topk_group=1),
+    dict(num_hidden_layers=3, first_k_dense_replace=2, moe_intermediate_size=24, intermediate_size=72),
+], ids=["tiny", "no-q-lora-tied-2mtp", "all-moe-no-shared", "two-dense"])
+def test_checkpoint_layout_matches_megatron_core(runtime, changes):
+    """The converter's own layout (no megatron-core import) is exactly what megatron-core's model lists."""
+    from megatron_dsv3.checkpoint.mapping import checkpoint_layout
+
+    cfg = m.presets.get_preset("tiny").replace(**changes)
+    pieces, objects = checkpoint_layout(cfg)
+    tensors, ref_objects = _megatron_core_layout(cfg)
+    assert [(p.key, p.global_shape, p.offsets, p.chunk_shape) for p in pieces] == tensors
+    assert objects == ref_objects
+    assert len({p.hf_name for p in pieces}) == len(pieces)
+
+
+def test_converter_does_not_import_megatron_core():
+    code = ("import sys, megatron_dsv3.checkpoint.convert, megatron_dsv3.checkpoint.hf; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('megatron', 'wandb', 'transformers')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def _fp8_checkpoint(state: dict):
@@ -186,13 +233,13 @@ def test_bad_mcore_input_exit_2(runtime, tmp_path):
 
 def _synthetic(folder: Path, shards: int, hidden: int, experts: int, layers: int, vocab: int):
     """Random tensors shaped by a DeepSeek-V3 config, written one shard at a time (kept small in this process)."""
-    from megatron_dsv3.checkpoint.mapping import build_template
+    from megatron_dsv3.checkpoint.mapping import checkpoint_layout
 
     config = tiny_hf_config(hidden_size=hidden, intermediate_size=2 * hidden, moe_intermediate_size=hidden,
                             n_routed_experts=experts, n_group=4, num_hidden_layers=layers, vocab_size=vocab,
                             num_mtp_layers=0).to_dict()
     config["num_nextn_predict_layers"] = 0
-    pieces, _ = build_template(config_from_hf(config))
+    pieces, _ = checkpoint_layout(config_from_hf(config))
     total = sum(4 * torch.Size(p.shape).numel() for p in pieces)
     folder.mkdir(parents=True)
     weight_map, current, size, index, sizes = {}, {}, 0, 0, []

@@ -5,13 +5,13 @@
 
 Each Hugging Face tensor is one chunk of one megatron-core checkpoint tensor (see `mapping`), so tensors are
 read, converted and written one shard at a time; the checkpoint is layout-independent (megatron-core reshards
-on load), loadable by any TP/PP/EP layout. Everything is written under a temporary folder that is renamed into
+on load), loadable by any TP/PP/EP layout. It is written with PyTorch DCP directly (`dcp_io`), so the
+converter never imports megatron-core. Everything is written under a temporary folder that is renamed into
 place at the end; problems raise one `ConversionError` naming the tensor or path, before anything is written.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -25,10 +25,15 @@ import torch
 import torch.distributed as dist
 
 from megatron_dsv3.checkpoint import dcp_io
-from megatron_dsv3.checkpoint.dist import _barrier, _broadcast, _rank, _world
-from megatron_dsv3.checkpoint.errors import all_finite
-from megatron_dsv3.checkpoint.mapping import build_template, mtp_duplicates, quantized_in_fp8, rope_order
-from megatron_dsv3.compat import in_process_write_results
+from megatron_dsv3.checkpoint.durable import barrier as _barrier
+from megatron_dsv3.checkpoint.durable import broadcast as _broadcast
+from megatron_dsv3.checkpoint.durable import fsync_tree
+from megatron_dsv3.checkpoint.durable import rank as _rank
+from megatron_dsv3.checkpoint.durable import world as _world
+from megatron_dsv3.checkpoint.errors import FORMAT, LATEST, TRAIN_STATE, CheckpointError, all_finite
+from megatron_dsv3.checkpoint.folders import iteration_dir, resolve_latest
+from megatron_dsv3.checkpoint.integrity import IntegrityError, ManifestWriter, verify_manifest
+from megatron_dsv3.checkpoint.mapping import checkpoint_layout, mtp_duplicates, quantized_in_fp8, rope_order
 
 FP8_BLOCK = (128, 128)
 HF_CONFIG = "hf_config.json"  # the source config.json, kept inside the iteration folder for the way back
@@ -147,20 +152,6 @@ def _convert_in(src: HFIndex, handles: dict, piece, dtype: Optional[torch.dtype]
 # ---------------------------------------------------------------- runtime helpers
 
 
-def _one_stage_runtime() -> None:
-    """A TP=PP=EP=1 parallel state: the template is the global (layout-independent) view of every tensor."""
-    from megatron.core import parallel_state
-
-    import megatron_dsv3 as m
-
-    ok = parallel_state.model_parallel_is_initialized() and all(
-        f() == 1 for f in (parallel_state.get_tensor_model_parallel_world_size,
-                           parallel_state.get_pipeline_model_parallel_world_size,
-                           parallel_state.get_expert_model_parallel_world_size))
-    if not ok:
-        m.runtime.initialize(tp=1, pp=1, ep=1)
-
-
 def _check_output(out: Path) -> None:
     if out.is_symlink():
         _fail(f"--output: {out} is a symbolic link; give the real folder (it is created and renamed into place)")
@@ -177,9 +168,7 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def _publish(tmp: Path, out: Path) -> None:
-    from megatron_dsv3.checkpoint.dist import _fsync_tree
-
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     if out.exists():  # an empty folder given as output
         out.rmdir()
     os.rename(tmp, out)
@@ -216,24 +205,9 @@ def _any(flag: bool) -> bool:
 # ---------------------------------------------------------------- HF -> megatron-core
 
 
-def _chunk(piece, t: torch.Tensor):
-    """`t` as a ShardedTensor at its piece's place, with any leading expert axis made explicit.
-
-    (megatron-core's prepended-axis path assumes every grid cell of a tensor is written in the same save call;
-    an explicit axis takes its general path, and stores the same global tensor and chunk offsets.)
-    """
-    shape = piece.chunk_shape
-    return dataclasses.replace(piece.template, data=t.reshape(shape), dtype=t.dtype, local_shape=shape,
-                               prepend_axis_num=0, replica_id=0, axis_fragmentations=None)
-
-
 def hf_to_mcore(input_dir, output_dir, *, tp: int = 1, pp: int = 1, ep: int = 1, backend: str = "local",
                 dtype: Optional[str] = None, progress: bool = True) -> Path:
     """Convert a Hugging Face DeepSeek-V3 folder to a megatron-core checkpoint folder (`dsv3-pretrain --load`)."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.validation import save_integrity_manifest
-
-    from megatron_dsv3.checkpoint.dist import FORMAT, LATEST, META, TRAIN_STATE, iteration_dir
     from megatron_dsv3.checkpoint.hf import config_from_hf
 
     inp, out = Path(input_dir).absolute(), Path(output_dir).absolute()
@@ -256,48 +230,43 @@ def hf_to_mcore(input_dir, output_dir, *, tp: int = 1, pp: int = 1, ep: int = 1,
         _fail(f"--expert-model-parallel-size: {ep} does not divide n_routed_experts={cfg.n_routed_experts}")
     interleaved = bool(hf_config.get("rope_interleave", True))
     src = HFIndex(inp)
-    _one_stage_runtime()
-    pieces, objects = build_template(cfg)
+    pieces, objects = checkpoint_layout(cfg)
     _check_hf(src, pieces, cfg)
     by_file = {f: [p for p in pieces if src.file_of[p.hf_name] == f] for f in src.files}
     rank, world, target = _rank(), _world(), DTYPES.get(dtype)
 
     def work(tmp: Path) -> None:
-        parts = [tmp / "parts" / f"{i:05d}" for i in range(len(src.files) + 1)]
+        parts = tmp / "parts"
         if rank == 0:
-            for part in parts:
-                part.mkdir(parents=True)
+            parts.mkdir(parents=True)
         _barrier()
+        hashes = ManifestWriter()  # rank 0 hashes its data files while it converts the next shard
         bar = _progress(len(pieces), "hf-to-mcore", progress)
-        for part, path in zip(parts, src.files):
-            group, handles = {}, {}
+        for i, path in enumerate(src.files):
+            chunks, handles = [], {}
             for piece in by_file[path][rank::world]:
                 t = _convert_in(src, handles, piece, target, interleaved)
-                group[piece.hf_name] = _chunk(piece, t)
+                chunks.append((piece.key, piece.global_shape, piece.offsets, t.reshape(piece.chunk_shape)))
                 bar.update(world)
-            handles.clear()  # unmaps the shard before megatron-core stages the group
-            with in_process_write_results():
-                dist_checkpointing.save(group, str(part), validate_access_integrity=False)
-            del group
+            for file in dcp_io.write_part(parts / f"{i:05d}-{rank:05d}", chunks):
+                hashes.add(file)
+            del chunks, handles  # unmaps the shard
         bar.close()
-        final = {"iteration": 0, "checkpoint_format": FORMAT}
-        if rank == 0:
-            final.update({f"extra_state.{i}": dataclasses.replace(o, replica_id=0) for i, o in enumerate(objects)})
-        with in_process_write_results():
-            dist_checkpointing.save(final, str(parts[-1]), validate_access_integrity=False)
+        if rank == 0:  # the common state and the linears' (empty) extra states, as megatron-core saves them
+            common = {"iteration": 0, "checkpoint_format": FORMAT}
+            dcp_io.write_part(parts / "common", [], {dcp_io.COMMON_STATE: common, **dict.fromkeys(objects)})
         _barrier()
         if rank != 0:
             return
         it = iteration_dir(tmp, 0)
-        dcp_io.merge_parts(parts, it)
-        shutil.rmtree(tmp / "parts")
-        meta = json.loads((it / META).read_text())
-        meta.update(format=FORMAT, iteration=0, world_size=None, tp=tp, pp=pp, ep=ep, backend=backend,
-                    has_optimizer=False, has_scheduler=False, converted_from=str(inp))
-        (it / META).write_text(json.dumps(meta, indent=1, sort_keys=True))
+        for old, new in dcp_io.merge_parts(sorted(parts.iterdir()), it).items():
+            hashes.moved(old, new)
+        shutil.rmtree(parts)
+        dcp_io.write_mcore_config(it, format=FORMAT, iteration=0, world_size=None, tp=tp, pp=pp, ep=ep,
+                                  backend=backend, has_optimizer=False, has_scheduler=False, converted_from=str(inp))
         (it / TRAIN_STATE).write_text(json.dumps({"iteration": 0, "consumed_samples": 0}, indent=1))
         (it / HF_CONFIG).write_text(json.dumps(hf_config, indent=1))
-        save_integrity_manifest(str(it))
+        hashes.write(it)
         (tmp / LATEST).write_text("0\n")
 
     _run_in_tmp(out, work)
@@ -323,22 +292,20 @@ def _parse_size(text: str) -> int:
 def mcore_to_hf(input_dir, output_dir, *, fp8: bool = False, max_shard_size="5GB", hf_config=None,
                 progress: bool = True) -> Path:
     """Convert a megatron-core checkpoint folder (CKPT_DIR with `latest_checkpointed_iteration.txt`) to HF."""
-    from megatron.core.dist_checkpointing.validation import verify_integrity_manifest
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from megatron_dsv3.checkpoint.dist import CheckpointError, _resolve
     from megatron_dsv3.checkpoint.hf import config_from_hf
     from megatron_dsv3.fp8 import quantize_blockwise
 
     inp, out = Path(input_dir).absolute(), Path(output_dir).absolute()
     try:
-        _, path = _resolve(inp)
-        verify_integrity_manifest(str(path))
+        _, path = resolve_latest(inp)
+        verify_manifest(path)
     except CheckpointError as exc:
         _fail(str(exc).replace("--load: ", "--input: ", 1))
-    except Exception as exc:
-        _fail(f"--input: {path}: corrupt or incomplete ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})")
+    except IntegrityError as exc:
+        _fail(f"--input: {path}: corrupt or incomplete ({exc})")
     _check_output(out)
     limit = _parse_size(str(max_shard_size))
     config_path = Path(hf_config) if hf_config else path / HF_CONFIG
@@ -350,11 +317,10 @@ def mcore_to_hf(input_dir, output_dir, *, fp8: bool = False, max_shard_size="5GB
     except (ValueError, TypeError) as exc:
         _fail(f"--hf-config: {config_path}: {exc}")
     interleaved = bool(hf_cfg.get("rope_interleave", True))
-    _one_stage_runtime()
-    pieces, _ = build_template(cfg)
+    pieces, _ = checkpoint_layout(cfg)
     reader = dcp_io.CheckpointReader(str(path))
     md = reader.read_metadata().state_dict_metadata
-    shapes = {p.key: tuple(p.template.global_shape) for p in pieces}
+    shapes = {p.key: p.global_shape for p in pieces}
     for key, shape in shapes.items():
         if key not in md:
             _fail(f"--input: {path}: missing tensor {key!r}")

@@ -1,38 +1,97 @@
 """Streaming access to megatron-core `torch_dist` checkpoints, one bounded group of tensors at a time.
 
-megatron-core writes a distributed checkpoint in one call that stages everything it is given, so the
-converter writes it in parts (one per Hugging Face shard) and merges them: the parts' data files are moved
-into one folder and their PyTorch DCP `.metadata` are united (chunks of one tensor may come from several
-parts; DCP reassembles and reshards them on load). Reading uses a DCP load planner that asks for arbitrary
-regions (one expert of a stacked expert tensor, say), so only those bytes are read.
+A `torch_dist` checkpoint is a PyTorch DCP checkpoint whose keys are megatron-core's sharded keys: tensors
+as chunks of their global tensors, objects as `torch.save([data])` bytes under `key/shard_<offset>_<shape>`,
+the common state as the object `common_state`, plus megatron-core's `metadata.json`. The converter writes
+it here with PyTorch DCP alone, in parts (one per Hugging Face shard and rank), and merges them: the parts'
+data files are moved into one folder and their `.metadata` united (chunks of one tensor may come from
+several parts; DCP reassembles and reshards them on load). Reading uses a DCP load planner that asks for
+arbitrary regions (one expert of a stacked expert tensor, say), so only those bytes are read.
 """
 from __future__ import annotations
 
 import dataclasses
+import io
+import json
 import os
 import pickle
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
-from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.default_planner import create_default_global_save_plan
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.planner import (LoadPlan, LoadPlanner, ReadItem, SavePlan, SavePlanner,
+                                                  TensorWriteData, WriteItem, WriteItemType)
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from megatron_dsv3.checkpoint import safe_unpickle
 
 DCP_METADATA = ".metadata"
+MCORE_CONFIG = "metadata.json"
+MCORE_BACKEND = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}  # megatron-core's save_config
+COMMON_STATE = "common_state/shard_0_1"  # megatron-core's ShardedObject("common_state", (1,), (0,)).unique_key
 
 
-def merge_parts(parts: Sequence[Path], dest: Path) -> None:
+class _ChunkSavePlanner(SavePlanner):
+    """Writes given tensors as chunks of their global tensors, and given objects as megatron-core does."""
+
+    def __init__(self, chunks, objects: Mapping[str, Any]):
+        self.data, self.items = {}, []
+        for key, global_shape, offsets, tensor in chunks:
+            index = MetadataIndex(key, torch.Size(offsets))
+            self.data[index] = tensor
+            self.items.append(WriteItem(index=index, type=WriteItemType.SHARD, tensor_data=TensorWriteData(
+                chunk=ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=tensor.shape),
+                properties=TensorProperties.create_from_tensor(tensor), size=torch.Size(global_shape))))
+        for key, obj in objects.items():
+            buffer = io.BytesIO()
+            torch.save([obj], buffer)  # megatron-core stores a list of the object's shards' data
+            self.data[MetadataIndex(key)] = buffer
+            self.items.append(WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO))
+
+    def set_up_planner(self, state_dict, storage_meta=None, is_coordinator=False) -> None:
+        self.storage_meta = storage_meta
+
+    def create_local_plan(self) -> SavePlan:
+        return SavePlan(self.items)
+
+    def create_global_plan(self, all_plans):
+        plans, metadata = create_default_global_save_plan(all_plans)
+        return plans, dataclasses.replace(metadata, storage_meta=self.storage_meta)
+
+    def finish_plan(self, new_plan: SavePlan) -> SavePlan:
+        return new_plan
+
+    def resolve_data(self, write_item: WriteItem):
+        return self.data[write_item.index]
+
+
+def write_part(part: Path, chunks: Sequence[tuple[str, tuple, tuple, torch.Tensor]],
+               objects: Optional[Mapping[str, Any]] = None) -> list[Path]:
+    """Write one DCP checkpoint in this process alone: each `(key, global shape, offsets, tensor)` as a chunk,
+    each object under its unique key. Returns the data files written (not yet fsync-ed)."""
+    dcp_save({}, storage_writer=FileSystemWriter(str(part), single_file_per_rank=True, sync_files=False,
+                                              thread_count=2),
+             planner=_ChunkSavePlanner(chunks, objects or {}), no_dist=True)
+    return sorted(p for p in part.iterdir() if p.suffix == ".distcp")
+
+
+def write_mcore_config(folder: Path, **extra) -> None:
+    """megatron-core's `metadata.json` (which backend wrote the shards), with this project's fields added."""
+    (folder / MCORE_CONFIG).write_text(json.dumps({**MCORE_BACKEND, **extra}, indent=1, sort_keys=True))
+
+
+def merge_parts(parts: Sequence[Path], dest: Path) -> dict[Path, Path]:
     """Move the data files of DCP checkpoints `parts` into `dest` and write their united `.metadata`.
 
-    Non-tensor entries (megatron-core's `common_state`, `_extra_state` objects) and `metadata.json` come from
-    the last part that has them, so the caller saves the common state last.
+    Returns where each data file went. An object key written by several parts keeps the last one.
     """
     merged: Metadata | None = None
+    moved: dict[Path, Path] = {}
     dest.mkdir(parents=True, exist_ok=True)
     for i, part in enumerate(parts):
         md = FileSystemReader(str(part)).read_metadata()
@@ -41,6 +100,7 @@ def merge_parts(parts: Sequence[Path], dest: Path) -> None:
             if name.endswith(".distcp"):
                 renamed[name] = f"p{i:05d}{name}"
                 os.replace(part / name, dest / renamed[name])
+                moved[part / name] = dest / renamed[name]
         md.storage_data = {idx: dataclasses.replace(info, relative_path=renamed[info.relative_path])
                            for idx, info in md.storage_data.items()}
         if merged is None:
@@ -57,15 +117,11 @@ def merge_parts(parts: Sequence[Path], dest: Path) -> None:
             extra = getattr(md, field, None)
             if isinstance(extra, dict) and isinstance(getattr(merged, field, None), dict):
                 getattr(merged, field).update(extra)
-    for name in ("metadata.json", "common.pt"):  # mcore 0.19 keeps the common state inside DCP ("common_state")
-        if (parts[-1] / name).exists():
-            os.replace(parts[-1] / name, dest / name)
-    if merged.storage_meta is not None:
-        merged.storage_meta.load_id = None
+    if merged.storage_meta is not None:  # the parts' ids (a Path object among them) mean nothing once merged
+        merged.storage_meta = dataclasses.replace(merged.storage_meta, checkpoint_id=None, load_id=None)
     with open(dest / DCP_METADATA, "wb") as f:
         pickle.dump(merged, f)
-        f.flush()
-        os.fsync(f.fileno())
+    return moved
 
 
 class CheckpointReader(FileSystemReader):
@@ -121,4 +177,4 @@ def load_regions(reader: CheckpointReader, regions) -> None:
         dcp_load({}, storage_reader=reader, planner=_RegionPlanner(regions), no_dist=True)
 
 
-__all__ = ["CheckpointReader", "merge_parts", "load_regions"]
+__all__ = ["CheckpointReader", "load_regions", "merge_parts", "write_mcore_config", "write_part"]

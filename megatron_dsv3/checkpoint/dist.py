@@ -18,43 +18,24 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
-from megatron.core.dist_checkpointing.validation import save_integrity_manifest, verify_integrity_manifest
 from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_dsv3.checkpoint.durable import barrier as _barrier
+from megatron_dsv3.checkpoint.durable import broadcast as _broadcast
+from megatron_dsv3.checkpoint.durable import fsync_dir as _fsync_dir
+from megatron_dsv3.checkpoint.durable import fsync_tree as _fsync_tree
+from megatron_dsv3.checkpoint.durable import rank as _rank
+from megatron_dsv3.checkpoint.durable import world as _world
 from megatron_dsv3.checkpoint.errors import FORMAT, LATEST, META, TRAIN_STATE, CheckpointError
 from megatron_dsv3.checkpoint.errors import brief as _brief
 from megatron_dsv3.checkpoint.errors import fail as _fail
 from megatron_dsv3.checkpoint.errors import read_json as _read_json
+from megatron_dsv3.checkpoint.folders import iteration_dir, resolve_latest
+from megatron_dsv3.checkpoint.integrity import verify_manifest, write_manifest
 from megatron_dsv3.checkpoint.verify import check_model_matches, refuse_foreign_files
 from megatron_dsv3.compat import in_process_write_results, load_checkpoint_objects_without_code
 
 log = logging.getLogger(__name__)
-
-
-def iteration_dir(root, iteration: int) -> Path:
-    """`root/iter_0000100`, Megatron-LM's naming."""
-    return Path(root) / f"iter_{iteration:07d}"
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _barrier() -> None:
-    return dist.barrier() if dist.is_initialized() else None
-
-
-def _broadcast(obj):
-    """Rank 0's value of `obj` on every rank (so all ranks agree on names and outcomes)."""
-    if not dist.is_initialized() or _world() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _unwrap(module):
@@ -120,23 +101,6 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states({k: _tensor_of(v) for k, v in state["tracker"].items()})
 
 
-def _fsync_tree(path: Path) -> None:
-    """Flush every file and directory under `path` (and `path` itself) to stable storage."""
-    for root, dirs, files in os.walk(path):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(Path(root))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_text(path: Path, text: str) -> None:
     """Replace `path` atomically: write a temp file, fsync it, os.replace."""
     tmp = path.with_name(path.name + f".tmp-{secrets.token_hex(4)}")
@@ -192,7 +156,7 @@ def _write_shards(tmp: Path, model_chunks, optimizer, scheduler, iteration: int,
                     has_optimizer=optimizer is not None, has_scheduler=scheduler is not None)
         _write_text(tmp / META, json.dumps(meta, indent=1, sort_keys=True))
         _write_text(tmp / TRAIN_STATE, json.dumps(train_state, indent=1, sort_keys=True))
-        save_integrity_manifest(str(tmp))
+        write_manifest(tmp)
     _barrier()
     _fsync_tree(tmp)  # every rank, so shards written on other nodes are durable too
     _barrier()
@@ -295,46 +259,9 @@ def check_writable(save_dir) -> None:
         raise CheckpointError(f"--save: {save_dir}: not a writable directory ({_brief(exc)})") from None
 
 
-def _newest_intact(load_dir: Path) -> Optional[tuple[int, Path]]:
-    """The newest `iter_N` folder whose write completed (it has its integrity record), if any."""
-    done = [(int(p.name[5:]), p) for p in load_dir.glob("iter_*") if re.fullmatch(r"iter_\d{7}", p.name)
-            and (p / "integrity.json").is_file()]
-    return max(done) if done else None
-
-
-def _resolve(load_dir: Path) -> tuple[int, Path]:
-    """Read `latest` and find its iteration dir (or a copy set aside by an interrupted overwrite); a garbled
-    `latest`, or one naming a folder that is gone, falls back to the newest intact checkpoint, with a warning."""
-    if not load_dir.is_dir():
-        _fail(load_dir, "checkpoint directory does not exist")
-    latest = load_dir / LATEST
-    if not latest.is_file():
-        _fail(latest, "missing; no complete checkpoint was ever published here")
-    text = latest.read_text(errors="replace").strip()
-    if not text.isdigit():
-        fallback = _newest_intact(load_dir)
-        if fallback is None:
-            _fail(latest, f"garbled: expected an iteration number, found {text[:40]!r}")
-        log.warning("%s is garbled (%r); loading the newest intact checkpoint, %s", latest, text[:40], fallback[1])
-        return fallback
-    iteration = int(text)
-    path = iteration_dir(load_dir, iteration)
-    if not path.is_dir():
-        aside = sorted(load_dir.glob(f"{path.name}.old-*"))
-        if aside:
-            log.warning("%s is missing; using %s left by an interrupted save", path, aside[-1])
-            return iteration, aside[-1]
-        fallback = _newest_intact(load_dir)
-        if fallback is None:
-            _fail(path, f"missing, but {latest} names iteration {iteration}")
-        log.warning("%s is missing; loading the newest intact checkpoint, %s", path, fallback[1])
-        return fallback
-    return iteration, path
-
-
 def peek_train_state(load_dir) -> dict:
     """The train_state.json of the `latest` checkpoint under `load_dir`, read before anything is loaded."""
-    _, path = _resolve(Path(load_dir).absolute())
+    _, path = resolve_latest(Path(load_dir).absolute())
     return _read_json(path / TRAIN_STATE)
 
 
@@ -346,11 +273,11 @@ def load_checkpoint(load_dir, model_chunks: Sequence, optimizer=None, scheduler=
     shapes) before anything is changed; problems raise CheckpointError. `partial` skips the shape check."""
     load_checkpoint_objects_without_code()
     model_chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
-    iteration, path = _resolve(Path(load_dir).absolute())
+    iteration, path = resolve_latest(Path(load_dir).absolute())
     if _rank() == 0:
         remove_leftovers(Path(load_dir).absolute())
     try:
-        verify_integrity_manifest(str(path))
+        verify_manifest(path)
     except Exception as exc:
         _fail(path, f"corrupt or incomplete ({_brief(exc)})")
     meta = _read_json(path / META)

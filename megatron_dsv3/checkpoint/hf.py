@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import torch
-from megatron.core import parallel_state
 
 from megatron_dsv3.checkpoint.errors import all_finite
 from megatron_dsv3.checkpoint.mapping import rope_order
@@ -168,6 +167,8 @@ def _swiglu(src: _Source, hf: str) -> dict[str, torch.Tensor]:
 
 
 def _experts(src: _Source, hf: str, cfg: DSV3Config) -> dict[str, torch.Tensor]:
+    from megatron.core import parallel_state
+
     ep_size = parallel_state.get_expert_model_parallel_world_size()
     local = cfg.n_routed_experts // ep_size
     first = parallel_state.get_expert_model_parallel_rank() * local
@@ -240,6 +241,8 @@ def load_hf_state_dict(model: torch.nn.Module, hf_state_dict: Mapping[str, torch
 
     Missing, unexpected or mis-shaped tensors raise one ValueError naming the tensor; nothing is copied then.
     """
+    from megatron.core import parallel_state
+
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
         raise ValueError("load_hf_state_dict: tensor_model_parallel_size must be 1 (convert with dsv3-convert)")
     cfg = cfg or getattr(model, "dsv3_config", None)

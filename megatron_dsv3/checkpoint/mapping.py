@@ -1,9 +1,10 @@
-"""Which Hugging Face tensors make up each megatron-core model tensor (both directions of `dsv3-convert`).
+"""Which Hugging Face tensors make up each megatron-core checkpoint tensor (both directions of `dsv3-convert`).
 
-The target layout comes from megatron-core itself: the model is built on the meta device (no memory) and its
-`sharded_state_dict()` lists every checkpoint key, global shape and offset. A parameter whose factory splits it
-(SwiGLU `linear_fc1` = [gate; up]) has one piece per Hugging Face tensor, so every Hugging Face tensor is
-exactly one chunk of one megatron-core checkpoint tensor and can be written or read on its own.
+The layout is what megatron-core's `sharded_state_dict()` of this project's model lists at TP=PP=EP=1 (every
+checkpoint key, global shape and chunk offset; tests compare the two on several configs), written out here
+so the converter runs without importing megatron-core. A tensor that megatron-core splits (SwiGLU
+`linear_fc1` = [gate; up], the experts stacked on a leading axis) has one piece per Hugging Face tensor, so
+every Hugging Face tensor is exactly one chunk of one checkpoint tensor and can be written or read on its own.
 """
 from __future__ import annotations
 
@@ -11,33 +12,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 
 from megatron_dsv3.config import DSV3Config
 
-# megatron-core local name (inside a decoder/MTP layer) -> Hugging Face name (inside model.layers.N).
-_LAYER = {
-    "input_layernorm.weight": ["input_layernorm.weight"],
-    "pre_mlp_layernorm.weight": ["post_attention_layernorm.weight"],
-    "self_attention.linear_q_proj.weight": ["self_attn.q_proj.weight"],
-    "self_attention.linear_q_down_proj.weight": ["self_attn.q_a_proj.weight"],
-    "self_attention.q_layernorm.weight": ["self_attn.q_a_layernorm.weight"],
-    "self_attention.linear_q_up_proj.weight": ["self_attn.q_b_proj.weight"],
-    "self_attention.linear_kv_down_proj.weight": ["self_attn.kv_a_proj_with_mqa.weight"],
-    "self_attention.kv_layernorm.weight": ["self_attn.kv_a_layernorm.weight"],
-    "self_attention.linear_kv_up_proj.weight": ["self_attn.kv_b_proj.weight"],
-    "self_attention.linear_proj.weight": ["self_attn.o_proj.weight"],
-    "mlp.linear_fc1.weight": ["mlp.gate_proj.weight", "mlp.up_proj.weight"],
-    "mlp.linear_fc2.weight": ["mlp.down_proj.weight"],
-    "mlp.router.weight": ["mlp.gate.weight"],
-    "mlp.router.expert_bias": ["mlp.gate.e_score_correction_bias"],
-    "mlp.shared_experts.linear_fc1.weight": ["mlp.shared_experts.gate_proj.weight", "mlp.shared_experts.up_proj.weight"],
-    "mlp.shared_experts.linear_fc2.weight": ["mlp.shared_experts.down_proj.weight"],
-}
-_MTP = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
-        "final_layernorm.weight": "shared_head.norm.weight"}
-_TOP = {"embedding.word_embeddings.weight": "model.embed_tokens.weight", "output_layer.weight": "lm_head.weight",
-        "decoder.final_layernorm.weight": "model.norm.weight"}
 # Rows whose rope channels are reordered when the HF config says rope_interleave=False.
 _ROPE_Q = ("self_attn.q_proj.weight", "self_attn.q_b_proj.weight")
 _ROPE_KV = ("self_attn.kv_a_proj_with_mqa.weight",)
@@ -48,64 +25,25 @@ _NOT_FP8 = ("model.embed_tokens.weight", "lm_head.weight", "mlp.gate.weight", "e
 
 @dataclass(frozen=True)
 class Piece:
-    """One Hugging Face tensor = one chunk (`template`'s offsets and local shape) of a checkpoint tensor."""
+    """One Hugging Face tensor = one chunk (at `offsets`, of `shape`) of the checkpoint tensor `key`."""
 
     hf_name: str
-    template: ShardedTensor  # meta data; key, global_shape, global_offset, local_shape, prepend_axis_num
+    key: str
+    global_shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+    shape: tuple[int, ...]  # the Hugging Face tensor's shape
     rope: Optional[tuple[int, int, int]] = None  # (rows_per_head, rope_dim, heads) when rows are reordered
 
     @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.template.local_shape)
-
-    @property
-    def key(self) -> str:
-        return self.template.key
-
-    @property
-    def offsets(self) -> tuple[int, ...]:
-        return tuple(self.template.global_offset)
-
-    @property
     def chunk_shape(self) -> tuple[int, ...]:
-        """The chunk's shape in the global tensor (leading expert axis included)."""
-        return (1,) * self.template.prepend_axis_num + self.shape
+        """The chunk's shape in the global tensor (a leading expert axis of size 1 included)."""
+        return (1,) * (len(self.global_shape) - len(self.shape)) + self.shape
 
 
 def quantized_in_fp8(hf_name: str, shape) -> bool:
     """True for the 2-D weights DeepSeek stores as E4M3 + weight_scale_inv (not norms, embeddings, head, gate)."""
     return len(shape) == 2 and hf_name.endswith(".weight") and "norm" not in hf_name \
         and not any(hf_name.endswith(n) for n in _NOT_FP8)
-
-
-def hf_names_for(param: str, cfg: DSV3Config) -> list[str]:
-    """Hugging Face tensor names (in piece order) for one megatron-core parameter name (TP=1, EP=1)."""
-    if param in _TOP:
-        return [_TOP[param]]
-    parts = param.split(".")
-    if parts[0] == "decoder" and parts[1] == "layers":
-        return [f"model.layers.{parts[2]}.{n}" for n in _layer_names(".".join(parts[3:]), param)]
-    if parts[0] == "mtp" and parts[1] == "layers":
-        hf = f"model.layers.{cfg.num_hidden_layers + int(parts[2])}"
-        rest = ".".join(parts[3:])
-        if rest in _MTP:
-            return [f"{hf}.{_MTP[rest]}"]
-        if rest.startswith("mtp_model_layer."):
-            return [f"{hf}.{n}" for n in _layer_names(rest[len("mtp_model_layer."):], param)]
-    raise KeyError(f"no Hugging Face name is known for model tensor {param!r}")
-
-
-def _layer_names(rest: str, param: str) -> list[str]:
-    if rest in _LAYER:
-        return _LAYER[rest]
-    parts = rest.split(".")
-    if parts[:3] == ["mlp", "experts", "local_experts"] and len(parts) == 6:
-        e, inner = parts[3], ".".join(parts[4:])
-        if inner == "linear_fc1.weight":
-            return [f"mlp.experts.{e}.gate_proj.weight", f"mlp.experts.{e}.up_proj.weight"]
-        if inner == "linear_fc2.weight":
-            return [f"mlp.experts.{e}.down_proj.weight"]
-    raise KeyError(f"no Hugging Face name is known for model tensor {param!r}")
 
 
 def mtp_duplicates(cfg: DSV3Config) -> dict[str, str]:
@@ -119,35 +57,94 @@ def mtp_duplicates(cfg: DSV3Config) -> dict[str, str]:
     return out
 
 
-def build_template(cfg: DSV3Config):
-    """(pieces in model order, sharded objects): the checkpoint layout of `cfg`, built on the meta device.
+def checkpoint_layout(cfg: DSV3Config) -> tuple[list[Piece], list[str]]:
+    """(pieces in megatron-core's order, unique keys of the linears' `_extra_state` objects) for `cfg`.
 
-    Needs a one-stage parallel state (runtime.initialize(1, 1, 1)). `te` keys are the same as `local` ones: this
-    project's spec keeps separate norms and uses SequentialMLP (moe_grouped_gemm=False) with both backends, so
-    only the contents of `_extra_state` differ (None here; Transformer Engine accepts an empty extra state).
+    `te` keys equal `local` ones: this project's spec keeps separate norms and uses SequentialMLP with both
+    backends, so only the contents of `_extra_state` differ (empty here; Transformer Engine accepts that).
     """
-    from megatron_dsv3.model.builder import build_model
+    out = _Layout(cfg)
+    out.tensor("embedding.word_embeddings.weight", "model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
+    for i, moe in enumerate(cfg.moe_layer_pattern):
+        out.layer(f"decoder.layers.{i}", f"model.layers.{i}", moe)
+    out.tensor("decoder.final_layernorm.weight", "model.norm.weight", (cfg.hidden_size,))
+    for k in range(cfg.num_nextn_predict_layers):
+        key, hf = f"mtp.layers.{k}", f"model.layers.{cfg.num_hidden_layers + k}"
+        out.tensor(f"{key}.enorm.weight", f"{hf}.enorm.weight", (cfg.hidden_size,))
+        out.tensor(f"{key}.hnorm.weight", f"{hf}.hnorm.weight", (cfg.hidden_size,))
+        out.linear(f"{key}.eh_proj", [f"{hf}.eh_proj.weight"], (cfg.hidden_size, 2 * cfg.hidden_size))
+        out.extra_state(f"{key}.eh_proj")
+        out.layer(f"{key}.transformer_layer", hf, cfg.n_routed_experts > 0)
+        out.tensor(f"{key}.final_layernorm.weight", f"{hf}.shared_head.norm.weight", (cfg.hidden_size,))
+    if not cfg.tie_word_embeddings:
+        out.tensor("output_layer.weight", "lm_head.weight", (cfg.vocab_size, cfg.hidden_size))
+    return out.pieces, out.objects
 
-    with torch.device("meta"):  # only names and shapes are read: nothing to initialise
-        model = build_model(cfg, backend="local", perform_initialization=False)
-    pieces, objects = [], []
-    for name, item in model.sharded_state_dict().items():
-        if isinstance(item, ShardedObject):
-            objects.append(item)
-            continue
-        if isinstance(item, ShardedTensorFactory):
-            parts = item.build()
-            parts = list(parts.values()) if isinstance(parts, dict) else list(parts)
-        elif isinstance(item, ShardedTensor):
-            parts = [item]
+
+class _Layout:
+    """Collects pieces and `_extra_state` keys in the order megatron-core's modules list them."""
+
+    def __init__(self, cfg: DSV3Config):
+        self.cfg, self.pieces, self.objects = cfg, [], []
+
+    def tensor(self, key: str, hf_name: str, shape: tuple[int, ...]) -> None:
+        self.pieces.append(Piece(hf_name, key, shape, (0,) * len(shape), shape, _rope_of(hf_name, self.cfg)))
+
+    def linear(self, prefix: str, hf_names: list[str], shape: tuple[int, int], experts: int = 0,
+               index: int = 0) -> None:
+        """A linear's weight: the HF tensors stacked along rows; expert `index` of `experts` on a leading axis."""
+        rows = shape[0] * len(hf_names)
+        for j, hf_name in enumerate(hf_names):
+            offsets, global_shape = (j * shape[0], 0), (rows, shape[1])
+            if experts:
+                offsets, global_shape = (index, *offsets), (experts, *global_shape)
+            self.pieces.append(Piece(hf_name, f"{prefix}.weight", global_shape, offsets, shape,
+                                     _rope_of(hf_name, self.cfg)))
+
+    def extra_state(self, prefix: str, index: int = 0, count: int = 1) -> None:
+        self.objects.append(f"{prefix}._extra_state/shard_{index}_{count}")
+
+    def layer(self, key: str, hf: str, moe: bool) -> None:
+        c, h = self.cfg, self.cfg.hidden_size
+        attn, hf_attn = f"{key}.self_attention", f"{hf}.self_attn"
+        self.tensor(f"{key}.input_layernorm.weight", f"{hf}.input_layernorm.weight", (h,))
+        linears = [("linear_proj", "o_proj", (h, c.num_attention_heads * c.v_head_dim))]
+        q_rows = c.num_attention_heads * c.qk_head_dim
+        if c.q_lora_rank is None:
+            linears.append(("linear_q_proj", "q_proj", (q_rows, h)))
         else:
-            raise TypeError(f"unexpected sharded item {name!r} ({type(item).__name__})")
-        names = hf_names_for(name, cfg)
-        if len(names) != len(parts):
-            raise ValueError(f"model tensor {name!r}: {len(parts)} checkpoint pieces for {len(names)} HF tensors")
-        for hf_name, part in zip(names, parts):
-            pieces.append(Piece(hf_name, part, _rope_of(hf_name, cfg)))
-    return pieces, objects
+            linears += [("linear_q_down_proj", "q_a_proj", (c.q_lora_rank, h)),
+                        ("linear_q_up_proj", "q_b_proj", (q_rows, c.q_lora_rank))]
+        linears += [("linear_kv_down_proj", "kv_a_proj_with_mqa", (c.kv_lora_rank + c.qk_rope_head_dim, h)),
+                    ("linear_kv_up_proj", "kv_b_proj",
+                     (c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank))]
+        for name, hf_name, shape in linears:
+            self.linear(f"{attn}.{name}", [f"{hf_attn}.{hf_name}.weight"], shape)
+            self.extra_state(f"{attn}.{name}")
+        if c.q_lora_rank is not None:
+            self.tensor(f"{attn}.q_layernorm.weight", f"{hf_attn}.q_a_layernorm.weight", (c.q_lora_rank,))
+        self.tensor(f"{attn}.kv_layernorm.weight", f"{hf_attn}.kv_a_layernorm.weight", (c.kv_lora_rank,))
+        self.tensor(f"{key}.pre_mlp_layernorm.weight", f"{hf}.post_attention_layernorm.weight", (h,))
+        if not moe:
+            self.mlp(f"{key}.mlp", f"{hf}.mlp", c.intermediate_size)
+            return
+        e = c.n_routed_experts
+        self.tensor(f"{key}.mlp.router.weight", f"{hf}.mlp.gate.weight", (e, h))
+        self.tensor(f"{key}.mlp.router.expert_bias", f"{hf}.mlp.gate.e_score_correction_bias", (e,))
+        experts = f"{key}.mlp.experts.experts"
+        for i in range(e):
+            self.mlp(experts, f"{hf}.mlp.experts.{i}", c.moe_intermediate_size, experts=e, index=i)
+        if c.n_shared_experts:
+            self.mlp(f"{key}.mlp.shared_experts", f"{hf}.mlp.shared_experts",
+                     c.n_shared_experts * c.moe_intermediate_size)
+
+    def mlp(self, key: str, hf: str, ffn: int, experts: int = 0, index: int = 0) -> None:
+        """SwiGLU: linear_fc1 = [gate; up], linear_fc2 = down (one expert of a stacked set when `experts`)."""
+        h = self.cfg.hidden_size
+        self.linear(f"{key}.linear_fc1", [f"{hf}.gate_proj.weight", f"{hf}.up_proj.weight"], (ffn, h), experts, index)
+        self.linear(f"{key}.linear_fc2", [f"{hf}.down_proj.weight"], (h, ffn), experts, index)
+        for name in ("linear_fc1", "linear_fc2"):
+            self.extra_state(f"{key}.{name}", index, max(experts, 1))
 
 
 def _rope_of(hf_name: str, cfg: DSV3Config):

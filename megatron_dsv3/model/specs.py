@@ -25,6 +25,7 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 
+from megatron_dsv3 import registry
 from megatron_dsv3.attention.mla import DSV3MLASelfAttention
 from megatron_dsv3.model.backends import Backend
 from megatron_dsv3.moe.router import DeepSeekRouter
@@ -126,3 +127,6 @@ def mtp_block_spec(config, backend: Backend, vp_stage: Optional[int] = None,
         ),
     )
     return MultiTokenPredictionBlockSubmodules(layer_specs=[mtp_layer] * config.mtp_num_layers)
+
+
+registry.register(registry.ModelSpec("dsv3", decoder_block_spec, mtp_block_spec), replace=True)

@@ -1,0 +1,85 @@
+"""`integrity.json`: SHA-256 of every file of a checkpoint folder, in megatron-core's manifest format.
+
+Written and checked here without importing megatron-core (dsv3-convert stays light); megatron-core's own
+`verify_integrity_manifest` accepts what this writes. Files can be hashed (and flushed to disk) in a
+background thread as soon as they are complete, so hashing overlaps writing the next ones.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+MANIFEST = "integrity.json"
+ALGORITHM = "sha256"
+
+
+class IntegrityError(ValueError):
+    """A checkpoint folder whose files do not match its manifest; the message names the files."""
+
+
+def file_digest(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, ALGORITHM).hexdigest()
+
+
+def _digest_and_sync(f) -> str:
+    with f:
+        digest = hashlib.file_digest(f, ALGORITHM).hexdigest()
+        os.fsync(f.fileno())
+    return digest
+
+
+class ManifestWriter:
+    """Collects digests of finished files (hashed in the background), then writes the folder's manifest."""
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dsv3-hash")
+        self._pending: dict[str, Future] = {}  # str(path) -> digest
+
+    def add(self, path: Path) -> None:
+        """Start hashing (and fsync-ing) the finished file `path`; it may be renamed meanwhile (see `moved`)."""
+        self._pending[str(path)] = self._pool.submit(_digest_and_sync, open(path, "rb"))
+
+    def moved(self, old: Path, new: Path) -> None:
+        if str(old) in self._pending:
+            self._pending[str(new)] = self._pending.pop(str(old))
+
+    def write(self, folder: Path) -> None:
+        """Write `folder/integrity.json` over every file in `folder`, reusing the digests already taken."""
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
+        todo = [p for p in files if str(p) not in self._pending]
+        for path in todo:
+            self._pending[str(path)] = self._pool.submit(file_digest, path)
+        digests = {p.name: self._pending[str(p)].result() for p in files}
+        self._pool.shutdown()
+        (folder / MANIFEST).write_text(json.dumps({"algorithm": ALGORITHM, "files": digests}, indent=2))
+
+
+def write_manifest(folder: Path) -> None:
+    ManifestWriter().write(Path(folder))
+
+
+def verify_manifest(folder: Path) -> None:
+    """Raise IntegrityError unless every file the manifest lists is present with its recorded digest."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        algorithm, files = manifest.get("algorithm", ALGORITHM), manifest["files"]
+    except FileNotFoundError:
+        raise IntegrityError(f"{folder}: no {MANIFEST} (not a checkpoint written with integrity hashes)") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise IntegrityError(f"{folder / MANIFEST}: unreadable ({type(exc).__name__}: {exc})") from None
+    if algorithm != ALGORITHM:
+        raise IntegrityError(f"{folder / MANIFEST}: hash algorithm {algorithm!r}, expected {ALGORITHM!r}")
+    bad = []
+    for name, expected in files.items():
+        try:
+            if file_digest(folder / name) != expected:
+                bad.append(f"{name} (hash mismatch)")
+        except OSError:
+            bad.append(f"{name} (missing or unreadable)")
+    if bad:
+        raise IntegrityError(f"{folder}: {len(bad)} file(s) do not match {MANIFEST}: {', '.join(bad)}")
