@@ -308,6 +308,25 @@ def test_peak_memory_is_bounded_by_the_largest_shard(runtime, tmp_path):
 
 
 @pytest.mark.slow
+def test_two_rank_conversion_equals_one_rank(runtime, tmp_path):
+    """`torchrun --nproc-per-node 2 dsv3-convert hf-to-mcore`: the ranks split the tensors, one checkpoint."""
+    from tests.distributed import free_port
+
+    _, _, state, config = tiny_checkpoint(tmp_path)
+    src = write_hf(tmp_path / "hf", state, config)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+           "-m", "megatron_dsv3.checkpoint.convert", "hf-to-mcore", "--input", str(src), "--output",
+           str(tmp_path / "ckpt"), "--no-progress"]
+    result = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)), cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count('"command": "hf-to-mcore"') == 1  # rank 0 reports
+    assert not list(tmp_path.glob(".ckpt.tmp-*"))
+    convert.mcore_to_hf(tmp_path / "ckpt", tmp_path / "back", progress=False)
+    assert_identical(read_hf(tmp_path / "back"), state)
+
+
+@pytest.mark.slow
 def test_ep2_layout_round_trip(runtime, tmp_path):
     """HF -> mcore, loaded and re-saved by a 2-rank EP=2 job (megatron-core's own expert chunking) -> HF."""
     _, _, state, config = tiny_checkpoint(tmp_path)

@@ -174,6 +174,13 @@ def _publish(tmp: Path, out: Path) -> None:
     os.rename(tmp, out)
 
 
+def _join_launch() -> None:
+    """Under torchrun, join the launch's process group (gloo: only names and flags travel) so ranks split the
+    tensors; one process converts alone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+
+
 def _run_in_tmp(out: Path, work) -> None:
     """Run `work(tmp)` on all ranks with a shared temp folder; rank 0 publishes it or removes it."""
     nonce = _broadcast(secrets.token_hex(4) if _rank() == 0 else None)
@@ -210,6 +217,7 @@ def hf_to_mcore(input_dir, output_dir, *, tp: int = 1, pp: int = 1, ep: int = 1,
     """Convert a Hugging Face DeepSeek-V3 folder to a megatron-core checkpoint folder (`dsv3-pretrain --load`)."""
     from megatron_dsv3.checkpoint.hf import config_from_hf
 
+    _join_launch()
     inp, out = Path(input_dir).absolute(), Path(output_dir).absolute()
     if not inp.is_dir():
         _fail(f"--input: {inp} is not a folder")
@@ -240,7 +248,7 @@ def hf_to_mcore(input_dir, output_dir, *, tp: int = 1, pp: int = 1, ep: int = 1,
         if rank == 0:
             parts.mkdir(parents=True)
         _barrier()
-        hashes = ManifestWriter()  # rank 0 hashes its data files while it converts the next shard
+        hashes = ManifestWriter() if rank == 0 else None  # hashing its files while it converts the next shard
         bar = _progress(len(pieces), "hf-to-mcore", progress)
         for i, path in enumerate(src.files):
             chunks, handles = [], {}
@@ -248,7 +256,8 @@ def hf_to_mcore(input_dir, output_dir, *, tp: int = 1, pp: int = 1, ep: int = 1,
                 t = _convert_in(src, handles, piece, target, interleaved)
                 chunks.append((piece.key, piece.global_shape, piece.offsets, t.reshape(piece.chunk_shape)))
                 bar.update(world)
-            for file in dcp_io.write_part(parts / f"{i:05d}-{rank:05d}", chunks):
+            files = dcp_io.write_part(parts / f"{i:05d}-{rank:05d}", chunks)
+            for file in files if rank == 0 else ():  # rank 0 hashes other ranks' files at the end
                 hashes.add(file)
             del chunks, handles  # unmaps the shard
         bar.close()
@@ -298,6 +307,7 @@ def mcore_to_hf(input_dir, output_dir, *, fp8: bool = False, max_shard_size="5GB
     from megatron_dsv3.checkpoint.hf import config_from_hf
     from megatron_dsv3.fp8 import quantize_blockwise
 
+    _join_launch()
     inp, out = Path(input_dir).absolute(), Path(output_dir).absolute()
     try:
         _, path = resolve_latest(inp)
