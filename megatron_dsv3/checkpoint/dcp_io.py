@@ -113,10 +113,6 @@ def merge_parts(parts: Sequence[Path], dest: Path) -> dict[Path, Path]:
             else:
                 merged.state_dict_metadata[key] = value
         merged.storage_data.update(md.storage_data)
-        for field in ("planner_data", "mcore_data"):
-            extra = getattr(md, field, None)
-            if isinstance(extra, dict) and isinstance(getattr(merged, field, None), dict):
-                getattr(merged, field).update(extra)
     if merged.storage_meta is not None:  # the parts' ids (a Path object among them) mean nothing once merged
         merged.storage_meta = dataclasses.replace(merged.storage_meta, checkpoint_id=None, load_id=None)
     with open(dest / DCP_METADATA, "wb") as f:

@@ -31,7 +31,7 @@ from megatron_dsv3.checkpoint.errors import brief as _brief
 from megatron_dsv3.checkpoint.errors import fail as _fail
 from megatron_dsv3.checkpoint.errors import read_json as _read_json
 from megatron_dsv3.checkpoint.folders import iteration_dir, resolve_latest
-from megatron_dsv3.checkpoint.integrity import verify_manifest, write_manifest
+from megatron_dsv3.checkpoint.integrity import IntegrityError, verify_manifest, write_manifest
 from megatron_dsv3.checkpoint.verify import check_model_matches, refuse_foreign_files
 from megatron_dsv3.compat import in_process_write_results, load_checkpoint_objects_without_code
 
@@ -278,7 +278,7 @@ def load_checkpoint(load_dir, model_chunks: Sequence, optimizer=None, scheduler=
         remove_leftovers(Path(load_dir).absolute())
     try:
         verify_manifest(path)
-    except Exception as exc:
+    except IntegrityError as exc:
         _fail(path, f"corrupt or incomplete ({_brief(exc)})")
     meta = _read_json(path / META)
     train_state = _read_json(path / TRAIN_STATE)

@@ -73,7 +73,6 @@ def checkpoint_layout(cfg: DSV3Config) -> tuple[list[Piece], list[str]]:
         out.tensor(f"{key}.enorm.weight", f"{hf}.enorm.weight", (cfg.hidden_size,))
         out.tensor(f"{key}.hnorm.weight", f"{hf}.hnorm.weight", (cfg.hidden_size,))
         out.linear(f"{key}.eh_proj", [f"{hf}.eh_proj.weight"], (cfg.hidden_size, 2 * cfg.hidden_size))
-        out.extra_state(f"{key}.eh_proj")
         out.layer(f"{key}.transformer_layer", hf, cfg.n_routed_experts > 0)
         out.tensor(f"{key}.final_layernorm.weight", f"{hf}.shared_head.norm.weight", (cfg.hidden_size,))
     if not cfg.tie_word_embeddings:
@@ -92,7 +91,8 @@ class _Layout:
 
     def linear(self, prefix: str, hf_names: list[str], shape: tuple[int, int], experts: int = 0,
                index: int = 0) -> None:
-        """A linear's weight: the HF tensors stacked along rows; expert `index` of `experts` on a leading axis."""
+        """A linear's weight (the HF tensors stacked along rows; expert `index` of `experts` on a leading axis)
+        and its `_extra_state` object."""
         rows = shape[0] * len(hf_names)
         for j, hf_name in enumerate(hf_names):
             offsets, global_shape = (j * shape[0], 0), (rows, shape[1])
@@ -100,9 +100,7 @@ class _Layout:
                 offsets, global_shape = (index, *offsets), (experts, *global_shape)
             self.pieces.append(Piece(hf_name, f"{prefix}.weight", global_shape, offsets, shape,
                                      _rope_of(hf_name, self.cfg)))
-
-    def extra_state(self, prefix: str, index: int = 0, count: int = 1) -> None:
-        self.objects.append(f"{prefix}._extra_state/shard_{index}_{count}")
+        self.objects.append(f"{prefix}._extra_state/shard_{index}_{max(experts, 1)}")
 
     def layer(self, key: str, hf: str, moe: bool) -> None:
         c, h = self.cfg, self.cfg.hidden_size
@@ -120,7 +118,6 @@ class _Layout:
                      (c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank))]
         for name, hf_name, shape in linears:
             self.linear(f"{attn}.{name}", [f"{hf_attn}.{hf_name}.weight"], shape)
-            self.extra_state(f"{attn}.{name}")
         if c.q_lora_rank is not None:
             self.tensor(f"{attn}.q_layernorm.weight", f"{hf_attn}.q_a_layernorm.weight", (c.q_lora_rank,))
         self.tensor(f"{attn}.kv_layernorm.weight", f"{hf_attn}.kv_a_layernorm.weight", (c.kv_lora_rank,))
@@ -143,8 +140,6 @@ class _Layout:
         h = self.cfg.hidden_size
         self.linear(f"{key}.linear_fc1", [f"{hf}.gate_proj.weight", f"{hf}.up_proj.weight"], (ffn, h), experts, index)
         self.linear(f"{key}.linear_fc2", [f"{hf}.down_proj.weight"], (h, ffn), experts, index)
-        for name in ("linear_fc1", "linear_fc2"):
-            self.extra_state(f"{key}.{name}", index, max(experts, 1))
 
 
 def _rope_of(hf_name: str, cfg: DSV3Config):
