@@ -50,12 +50,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=32, help="bytes per prompt")
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--draft-tokens", type=int, default=None, help="MTP drafts per main-model step (default: "
+                    "speculative_generate's)")
     ap.add_argument("--train-iters-if-missing", type=int, default=300)
     args = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
     import megatron_dsv3 as m
     from megatron_dsv3.inference import InferenceEngine, speculative_generate
+    from megatron_dsv3.inference.speculative import DEFAULT_DRAFT_TOKENS
     from megatron_dsv3.inference.cli import load_model
     from megatron_dsv3.data import ByteTokenizer, builtin_corpus
 
@@ -64,14 +67,15 @@ def main(argv=None) -> dict:
     if ckpt is None:
         ckpt, trained_here = train_one(args.train_iters_if_missing), True
     model, state = load_model(ckpt, m.presets.get_preset(args.preset))
-    engine = InferenceEngine(model, capacity=args.prompt_len + args.new_tokens + 2)
+    k = args.draft_tokens or DEFAULT_DRAFT_TOKENS
+    engine = InferenceEngine(model, capacity=args.prompt_len + args.new_tokens + k + 1)
     tok, text = ByteTokenizer(), builtin_corpus()
     step = len(text) // (args.prompts + 1)
     prompts = [tok.tokenize(text[(i + 1) * step : (i + 1) * step + args.prompt_len])[: args.prompt_len]
                for i in range(args.prompts)]
 
     engine.generate(prompts[0], 4)                      # warm-up
-    speculative_generate(engine, prompts[0], 4)
+    speculative_generate(engine, prompts[0], 4, draft_tokens=k)
     plain_t = spec_t = 0.0
     plain_steps = spec_steps = new = drafted = accepted = 0
     identical = True
@@ -80,18 +84,18 @@ def main(argv=None) -> dict:
         plain = engine.generate(p, args.new_tokens)
         plain_t += time.perf_counter() - t
         t = time.perf_counter()
-        spec = speculative_generate(engine, p, args.new_tokens)
+        spec = speculative_generate(engine, p, args.new_tokens, draft_tokens=k)
         spec_t += time.perf_counter() - t
         identical &= spec.as_list() == plain.as_list()
         new += plain.stats["new_tokens"]
         plain_steps += plain.stats["main_model_steps"]
         spec_steps += spec.stats["main_model_steps"]
-        drafted += spec.stats["verify_steps"]
+        drafted += spec.stats["drafted"]
         accepted += spec.stats["accepted_drafts"]
     result = {
         "checkpoint": str(ckpt), "iteration": state.get("iteration"), "trained_by_benchmark": trained_here,
         "prompts": len(prompts), "prompt_len": args.prompt_len, "new_tokens_per_prompt": args.new_tokens,
-        "outputs_identical": identical,
+        "outputs_identical": identical, "draft_tokens": k,
         "acceptance_rate": accepted / max(drafted, 1),
         "spec_tokens_per_main_step": new / spec_steps,
         "plain_tokens_per_main_step": new / plain_steps,

@@ -92,6 +92,8 @@ GENERATE = [
     (["--load", "/tmp", "--prompt", "x", "--top-p", "0"], "--top-p"),
     (["--load", "/tmp", "--prompt", "x", "--temperature", "nan"], "--temperature"),
     (["--load", "/tmp", "--prompt", "x", "--temperature", "0.5", "--speculative"], "--speculative"),
+    (["--load", "/tmp", "--prompt", "x", "--draft-tokens", "2"], "--draft-tokens"),
+    (["--load", "/tmp", "--prompt", "x", "--speculative", "--draft-tokens", "0"], "--draft-tokens"),
     (["--load", "/tmp", "--prompt", "x" * 1100], "--max-new-tokens"),
     (["--load", "/tmp", "--prompt", "x", "--capacity", "2"], "--capacity"),
     (["--load", "/nonexistent", "--prompt", "x"], "--load"),

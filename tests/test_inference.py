@@ -195,11 +195,45 @@ def test_mtp_drafts_match_megatron_mtp_module(runtime):
     assert diff <= TOL, diff
 
 
-def check_speculative_equals_greedy(model, engine, prompts, new_tokens):
+def test_chained_drafts_match_one_shot_mtp(runtime, monkeypatch):
+    """Every draft's logits equal the MTP module run in one shot with a fresh cache over what that draft should
+    see: the true pairs (h_i, t_{i+1}) up to the last emitted token, then for draft j > 1 the chain
+    (x, d_{j-1}) with x the module's own normed output. So chained entries leave the MTP cache after each step
+    and the true pairs of the accepted tokens take their place."""
+    cfg, model = build(runtime)
+    engine = InferenceEngine(model, capacity=64)
+    prompt = torch.randint(0, cfg.vocab_size, (6,)).tolist()
+    calls, drafts = [], []
+    mtp_forward = engine.mtp_forward
+
+    def recording(*args, **kwargs):
+        result = mtp_forward(*args, **kwargs)
+        calls.append(result[0][0, -1].clone())
+        return result
+
+    monkeypatch.setattr(engine, "mtp_forward", recording)
+    out = speculative_generate(engine, prompt, 14, draft_tokens=3, min_acceptance=0.0,
+                               draft_hook=lambda pos, d: drafts.append((pos, int(d))) or d)
+    monkeypatch.undo()
+    assert len(calls) == len(drafts) >= 12
+    seq = torch.tensor([prompt + out.as_list()])
+    _, hidden = engine.forward(seq, engine.new_cache())                  # h_i for every position
+    for j, (pos, _) in enumerate(drafts):
+        depth = j % 3                                                      # 0: the first draft of its step
+        n = pos - 1 - depth                                                # main-cache length at that step
+        h, nxt = hidden[:n], seq[:, 1 : n + 1]                             # the true pairs, positions 0..n-1
+        for _, chained in drafts[j - depth : j]:                           # then the chain so far
+            _, x = engine.mtp_forward(h, nxt, engine.new_cache(mtp=True), with_hidden=True)
+            h, nxt = torch.cat([h, x[-1:]]), torch.cat([nxt, torch.tensor([[chained]])], dim=1)
+        want = engine.mtp_forward(h, nxt, engine.new_cache(mtp=True))[0, -1]
+        assert (calls[j] - want).abs().max().item() <= TOL, (pos, depth)
+
+
+def check_speculative_equals_greedy(model, engine, prompts, new_tokens, draft_tokens=1):
     drafted = accepted = 0
     for prompt in prompts:
         plain = engine.generate(prompt, new_tokens)
-        spec = speculative_generate(engine, prompt, new_tokens)
+        spec = speculative_generate(engine, prompt, new_tokens, draft_tokens=draft_tokens)
         assert spec.as_list() == plain.as_list(), f"prompt {prompt[:8]}..."
         assert len(spec.as_list()) == new_tokens
         # Independent oracle: every greedy token is the argmax of full recomputation (teacher forced).
@@ -209,16 +243,18 @@ def check_speculative_equals_greedy(model, engine, prompts, new_tokens):
         st = spec.stats
         assert st["main_model_steps"] == 1 + st["verify_steps"] + st["plain_steps"]
         assert st["tokens_per_main_step"] == pytest.approx(new_tokens / st["main_model_steps"])
-        drafted, accepted = drafted + st["verify_steps"], accepted + st["accepted_drafts"]
+        assert st["drafted"] == draft_tokens * st["verify_steps"]
+        drafted, accepted = drafted + st["drafted"], accepted + st["accepted_drafts"]
     return drafted, accepted
 
 
-def test_speculative_equals_greedy_random_init(runtime):
+@pytest.mark.parametrize("draft_tokens", [1, 3])
+def test_speculative_equals_greedy_random_init(runtime, draft_tokens):
     cfg, model = build(runtime)
     engine = InferenceEngine(model, capacity=64)
     gen = torch.Generator().manual_seed(7)
     prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist() for n in (1, 5, 17)]
-    drafted, accepted = check_speculative_equals_greedy(model, engine, prompts, 20)
+    drafted, accepted = check_speculative_equals_greedy(model, engine, prompts, 20, draft_tokens)
     assert drafted > accepted   # untrained drafts are rejected: the rollback path runs
 
 
@@ -237,7 +273,7 @@ def test_speculative_bookkeeping_under_forced_accept_reject_patterns(runtime):
             decisions.append(accept)
             return torch.tensor(greedy[position] if accept else (greedy[position] + 1) % cfg.vocab_size)
 
-        spec = speculative_generate(engine, prompt, 30, draft_hook=hook)
+        spec = speculative_generate(engine, prompt, 30, draft_tokens=1, draft_hook=hook)
         assert spec.as_list() == greedy[len(prompt):], pattern
         assert spec.stats["accepted_drafts"] == sum(decisions) and spec.stats["verify_steps"] == len(decisions)
         fell_back_at = spec.stats["fell_back_to_plain_at"]  # only all-rejects falls under 35% over 16 drafts
@@ -248,14 +284,42 @@ def test_speculative_bookkeeping_under_forced_accept_reject_patterns(runtime):
             assert fell_back_at == 1 + 16  # the first token, then one per rejected draft
 
 
-def test_speculative_equals_greedy_trained_model(trained):
+@pytest.mark.parametrize("pattern", ["AAA", "ARA", "AAR", "RAA", "AARRAAAAR"])
+def test_chained_draft_bookkeeping_under_forced_patterns(runtime, pattern):
+    """Three drafts per step forced right or wrong: a step emits its leading accepted drafts plus the main
+    model's next token (a reject after an accept rolls the cache back to that point), the output is the greedy
+    output, and the counts follow the pattern."""
+    cfg, model = build(runtime)
+    engine = InferenceEngine(model, capacity=64)
+    prompt = torch.randint(0, cfg.vocab_size, (5,)).tolist()
+    greedy = prompt + engine.generate(prompt, 40).as_list()
+    decisions = []
+
+    def hook(position, draft):
+        accept = pattern[len(decisions) % len(pattern)] == "A"
+        decisions.append(accept)
+        right = greedy[position] if position < len(greedy) else 0
+        return torch.tensor(right if accept else (right + 1) % cfg.vocab_size)
+
+    spec = speculative_generate(engine, prompt, 28, draft_tokens=3, min_acceptance=0.0, draft_hook=hook)
+    assert spec.as_list() == greedy[len(prompt) : len(prompt) + 28]
+    steps = [decisions[i : i + 3] for i in range(0, len(decisions), 3)]
+    leading = [next((i for i, ok in enumerate(step) if not ok), 3) for step in steps]
+    st = spec.stats
+    assert st["verify_steps"] == len(steps) and st["drafted"] == len(decisions)
+    assert st["accepted_drafts"] == sum(leading)
+    assert 1 + sum(a + 1 for a in leading) >= 28 > 1 + sum(a + 1 for a in leading[:-1])
+
+
+@pytest.mark.parametrize("draft_tokens", [1, 3])
+def test_speculative_equals_greedy_trained_model(trained, draft_tokens):
     cfg, model = trained
     engine = InferenceEngine(model, capacity=128)
     text = builtin_corpus()
     tok = ByteTokenizer()
     prompts = [tok.tokenize(text[i : i + 24]) for i in (1000, 25000, 90000, 200000)]
-    drafted, accepted = check_speculative_equals_greedy(model, engine, prompts, 40)
-    # The trained MTP head's own drafts get accepted (random init: none are).
+    drafted, accepted = check_speculative_equals_greedy(model, engine, prompts, 40, draft_tokens)
+    # The trained MTP head's own drafts get accepted (random init: none are), chained ones too.
     assert accepted / drafted > 0.3, (accepted, drafted)
 
 
@@ -293,7 +357,7 @@ def test_cli_greedy_speculative_and_bad_load(trained_ckpt, tmp_path):
     common = ["--load", str(trained_ckpt), "--preset", "tiny", "--prompt", "The return statement",
               "--max-new-tokens", "30"]
     runs = {}
-    for mode in ("--greedy", "--speculative"):
+    for mode in ("--greedy", "--speculative"):  # speculative: the default 3 chained drafts per step
         result = run_cli(*common, mode)
         assert result.returncode == 0, result.stderr[-3000:]
         lines = result.stdout.rstrip("\n").split("\n")

@@ -2,7 +2,7 @@
 
     dsv3-generate --load runs/tiny-XXXX/checkpoints --preset tiny --prompt "def " --max-new-tokens 64 --greedy
     dsv3-generate --load CKPT --preset tiny --prompt "x" --max-new-tokens 64 --temperature 0.8 --top-k 40 --seed 1
-    dsv3-generate --load CKPT --preset tiny --prompt "x" --max-new-tokens 64 --speculative
+    dsv3-generate --load CKPT --preset tiny --prompt "x" --max-new-tokens 64 --speculative [--draft-tokens 3]
 
 The model flags are dsv3-pretrain's (`--preset` plus Megatron-LM overrides such as `--num-layers`), parsed the
 same way, so a checkpoint is read with the flags it was trained with. Prints the generated text, then one JSON
@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 
 from megatron_dsv3.checkpoint.dist import CheckpointError
 from megatron_dsv3.cli.errors import UsageError, exit_on_usage_error
+from megatron_dsv3.inference.speculative import DEFAULT_DRAFT_TOKENS
 
 PROG = "dsv3-generate"
 
@@ -33,8 +34,11 @@ def add_generate_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens when sampling (0: all)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
     g.add_argument("--speculative", action="store_true", help="greedy MTP speculative decoding")
+    g.add_argument("--draft-tokens", type=int, default=None,
+                   help=f"with --speculative: MTP drafts per main-model step, chained past the first "
+                        f"(default {DEFAULT_DRAFT_TOKENS})")
     g.add_argument("--stop-at-eod", action="store_true", help="stop after the byte tokenizer's end-of-document id")
-    g.add_argument("--capacity", type=int, default=None, help="cache positions (default: prompt + new tokens + 1)")
+    g.add_argument("--capacity", type=int, default=None, help="cache positions (default: prompt + new tokens + 1, + draft tokens with --speculative)")
     return parser
 
 
@@ -76,6 +80,11 @@ def run(argv: Sequence[str]) -> dict:
     sampling = args.temperature is not None and args.temperature > 0 and not args.greedy
     if args.speculative and sampling:
         raise UsageError("--speculative: greedy only; drop --temperature or pass --greedy")
+    if args.draft_tokens is not None and not args.speculative:
+        raise UsageError("--draft-tokens: only used with --speculative")
+    draft_tokens = DEFAULT_DRAFT_TOKENS if args.draft_tokens is None else args.draft_tokens
+    if draft_tokens < 1:
+        raise UsageError(f"--draft-tokens: must be >= 1, got {draft_tokens}")
     if not 0 < args.top_p <= 1:
         raise UsageError(f"--top-p: must be in (0, 1], got {args.top_p}")
     if args.top_k < 0:
@@ -88,7 +97,7 @@ def run(argv: Sequence[str]) -> dict:
         raise UsageError(f"--vocab-size: the model's vocabulary ({cfg.vocab_size}) is smaller than the byte "
                          f"tokenizer's ({tok.vocab_size})")
     ids = tok.tokenize(args.prompt)
-    needed = len(ids) + args.max_new_tokens + 1
+    needed = len(ids) + args.max_new_tokens + (draft_tokens if args.speculative else 1)
     if needed > cfg.max_position_embeddings:
         raise UsageError(f"--max-new-tokens: the prompt ({len(ids)} tokens) plus {args.max_new_tokens} new tokens "
                          f"exceed the model's position limit --max-position-embeddings {cfg.max_position_embeddings}")
@@ -101,7 +110,7 @@ def run(argv: Sequence[str]) -> dict:
     eos = tok.eod if args.stop_at_eod else None
     try:
         if args.speculative:
-            out = speculative_generate(engine, ids, args.max_new_tokens, eos_id=eos)
+            out = speculative_generate(engine, ids, args.max_new_tokens, eos_id=eos, draft_tokens=draft_tokens)
         else:
             out = engine.generate(ids, args.max_new_tokens, greedy=not sampling,
                                   temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p,

@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from megatron_dsv3.inference.latent_cache import CachedLayer, LatentCache
-from megatron_dsv3.inference.plain_modules import module_output, plain_linear
+from megatron_dsv3.inference.plain_modules import module_output, plain_embedding, plain_linear, plain_norm
 
 
 @dataclass
@@ -78,8 +78,13 @@ class InferenceEngine:
         self.layers = [CachedLayer(layer, self.capacity) for layer in model.decoder.layers]
         mtp = getattr(model, "mtp", None)
         self.mtp_layers = [CachedLayer(m.mtp_model_layer, self.capacity) for m in mtp.layers] if mtp else []
+        self._embedding = plain_embedding(model.embedding)
+        self._final_norm = plain_norm(model.decoder.final_layernorm)
         self._output_layer = plain_linear(model.output_layer)
-        self._mtp_eh_proj = plain_linear(mtp.layers[0].eh_proj) if mtp else None  # the first MTP module drafts
+        if mtp:  # the first MTP module drafts
+            first = mtp.layers[0]
+            self._mtp_eh_proj = plain_linear(first.eh_proj)
+            self._mtp_norms = plain_norm(first.enorm), plain_norm(first.hnorm), plain_norm(first.final_layernorm)
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
 
@@ -100,8 +105,7 @@ class InferenceEngine:
 
     # ----- forward pieces ----------------------------------------------------------------------------------
     def _embed(self, ids: torch.Tensor, start: int) -> torch.Tensor:
-        pos = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0).expand_as(ids)
-        return self.model.embedding(input_ids=ids, position_ids=pos)  # [s, b, hidden]
+        return self._embedding(ids, start)  # [s, b, hidden]
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         m = self.model
@@ -123,22 +127,24 @@ class InferenceEngine:
         for i, layer in enumerate(self.layers):
             h = layer(h, cache, i, start)
         cache.length = start + ids.shape[1]
-        h = self.model.decoder.final_layernorm(h)
+        h = self._final_norm(h)
         return self._logits(h), h
 
     @torch.no_grad()
     def mtp_forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, cache: LatentCache,
-                    last_only: bool = False) -> torch.Tensor:
+                    last_only: bool = False, with_hidden: bool = False):
         """First MTP module at positions cache.length..: position i takes the main model's hidden h_i [s, b, H]
         and the token t_{i+1} (next_ids [b, s]); returns logits [b, s, vocab] for t_{i+2} (with `last_only`,
-        [b, 1, vocab] for the last position: all a draft needs)."""
-        mtp = self.model.mtp.layers[0]
+        [b, 1, vocab] for the last position: all a draft needs). With `with_hidden`, also the module's output
+        after its final norm (what megatron-core hands the next MTP depth), for chained drafts."""
+        enorm, hnorm, final_norm = self._mtp_norms
         start = cache.length
-        e = mtp.enorm(self._embed(next_ids.to(self.device), start + 1))
-        x = self._mtp_eh_proj(torch.cat([e, mtp.hnorm(hidden)], dim=-1))
+        e = enorm(self._embed(next_ids.to(self.device), start + 1))
+        x = self._mtp_eh_proj(torch.cat([e, hnorm(hidden)], dim=-1))
         x = self.mtp_layers[0](x, cache, 0, start)
         cache.length = start + next_ids.shape[1]
-        return self._logits(mtp.final_layernorm(x[-1:] if last_only else x))
+        x = final_norm(x[-1:] if last_only else x)
+        return (self._logits(x), x) if with_hidden else self._logits(x)
 
     # ----- generation --------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 
-from megatron_dsv3.inference.plain_modules import plain_feed_forward, plain_linear
+from megatron_dsv3.inference.plain_modules import plain_feed_forward, plain_linear, plain_norm
 
 
 @dataclass
@@ -77,6 +77,8 @@ class RotaryTable:
         self.own = not (self.config.rotary_interleaved or self.config.apply_rope_fusion)
         self.cos = (torch.cos(self.freqs) * self.mscale).to(dtype)  # [capacity, 1, 1, rope_dim]
         self.sin = (torch.sin(self.freqs) * self.mscale).to(dtype)
+        half = self.sin.shape[-1] // 2  # rotate-half as a roll: cat(-x2, x1) * sin == roll(x) * cat(-sin1, sin2)
+        self.signed_sin = torch.cat((-self.sin[..., :half], self.sin[..., half:]), dim=-1)
 
     def apply(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """Rotate x [s, b, heads, rope_dim] for absolute positions start..start+s-1."""
@@ -84,10 +86,9 @@ class RotaryTable:
         if not self.own:
             return apply_rotary_pos_emb(x, self.freqs[start:end], config=self.config, mscale=self.mscale,
                                         cp_group=self.cp_group, mla_rotary_interleaved=True)
-        x = torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * self.cos[start:end] + rotated * self.sin[start:end]
+        s, dim = x.shape[0], x.shape[-1]
+        x = x.view(*x.shape[:-1], dim // 2, 2).transpose(-1, -2).reshape(x.shape)  # evens, then odds
+        return x * self.cos.narrow(0, start, s) + x.roll(dim // 2, dims=-1) * self.signed_sin.narrow(0, start, s)
 
 
 class AbsorbedMLA:
@@ -112,10 +113,23 @@ class AbsorbedMLA:
         self.rotary = RotaryTable(attention, capacity, attention.linear_kv_down_proj.weight.dtype)
         if self.q_lora is not None:
             q_down, q_up = plain_linear(attention.linear_q_down_proj), plain_linear(attention.linear_q_up_proj)
-            self.query = lambda x: q_up(attention.q_layernorm(q_down(x)))
+            q_norm = plain_norm(attention.q_layernorm)
+            self.query = lambda x: q_up(q_norm(q_down(x)))
         else:
             self.query = plain_linear(attention.linear_q_proj)
         self.kv_down, self.proj = plain_linear(attention.linear_kv_down_proj), plain_linear(attention.linear_proj)
+        self.kv_norm = plain_norm(attention.kv_layernorm)
+        self._masks: dict[int, torch.Tensor] = {}
+
+    def _future(self, s: int, device) -> torch.Tensor:
+        """[s, s] mask of the later new tokens each new token must not see (kept for the narrow widths that
+        verification steps repeat; a long prompt's is built once and dropped)."""
+        mask = self._masks.get(s)
+        if mask is None:
+            mask = torch.ones(s, s, dtype=torch.bool, device=device).triu(1)
+            if s <= 64:
+                self._masks[s] = mask
+        return mask
 
     def __call__(self, x: torch.Tensor, cache: LatentCache, layer: int, start: int) -> torch.Tensor:
         """x: the layer's normalised input [s, b, hidden] for positions start..start+s-1; writes their latent
@@ -126,22 +140,26 @@ class AbsorbedMLA:
             raise ValueError(f"cache capacity {cache.capacity} exceeded (need {end} positions)")
         q = self.query(x).view(s, b, h, self.nope + self.rope)
         kv = self.kv_down(x)
+        # The heads' rope queries and the shared rope key rotate together: [s, b, heads + 1, rope].
+        rotated = self.rotary.apply(torch.cat([q.narrow(-1, self.nope, self.rope),
+                                               kv.narrow(-1, self.rank, self.rope).unsqueeze(2)], dim=2), start)
         keys = cache.keys[layer]
-        keys[:, start:end, : self.rank] = self.attn.kv_layernorm(kv[..., : self.rank]).transpose(0, 1)
-        keys[:, start:end, self.rank :] = self.rotary.apply(kv[..., self.rank :].unsqueeze(2), start).squeeze(2).transpose(0, 1)
-        seen = keys[:, :end]                                                      # [b, t, rank + rope]
+        new_keys = torch.cat([self.kv_norm(kv.narrow(-1, 0, self.rank)), rotated.select(2, h)], dim=-1)
+        keys.narrow(1, start, s).copy_(new_keys.transpose(0, 1))
+        seen = keys.narrow(1, 0, end)                                             # [b, t, rank + rope]
 
         # The query in latent space per head, (q_nope W_UK, rotated q_rope), as rows (b, head, position).
-        q_latent = torch.bmm(q[..., : self.nope].reshape(s * b, h, self.nope).transpose(0, 1), self.w_uk)
+        q_latent = torch.bmm(q.narrow(-1, 0, self.nope).reshape(s * b, h, self.nope).transpose(0, 1), self.w_uk)
         q_latent = q_latent.view(h, s, b, self.rank).permute(2, 0, 1, 3)         # [b, h, s, rank]
-        q_rope = self.rotary.apply(q[..., self.nope :], start).permute(1, 2, 0, 3)  # [b, h, s, rope]
+        q_rope = rotated.narrow(2, 0, h).permute(1, 2, 0, 3)                      # [b, h, s, rope]
         query = torch.cat([q_latent, q_rope], dim=-1).reshape(b, h * s, self.rank + self.rope)
         scores = torch.bmm(query, seen.transpose(1, 2)) * self.scale             # [b, h * s, t]
-        if s > 1:  # a single new token sees every cached position: no mask to build
-            future = torch.ones(s, end, dtype=torch.bool, device=x.device).triu(start + 1)
-            scores = scores.view(b, h, s, end).masked_fill(future, float("-inf")).view(b, h * s, end)
-        probs = torch.softmax(scores.float(), dim=-1).to(seen.dtype)
-        ctx_latent = torch.bmm(probs, seen[..., : self.rank])                    # [b, h * s, rank]
+        if s > 1:  # the new tokens see every cached position and each other causally
+            scores.view(b, h, s, end).narrow(-1, start, s).masked_fill_(self._future(s, x.device), float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        if probs.dtype != seen.dtype:
+            probs = probs.to(seen.dtype)
+        ctx_latent = torch.bmm(probs, seen.narrow(-1, 0, self.rank))              # [b, h * s, rank]
         ctx_latent = ctx_latent.view(b, h, s, self.rank).permute(1, 2, 0, 3).reshape(h, s * b, self.rank)
         ctx = torch.bmm(ctx_latent, self.w_uv_t)                                 # [h, s * b, vdim]
         return self.proj(ctx.transpose(0, 1).reshape(s, b, h * self.vdim))
@@ -154,10 +172,10 @@ class CachedLayer:
         if layer.config.apply_residual_connection_post_layernorm:
             raise ValueError("apply_residual_connection_post_layernorm is not DeepSeek-V3's layout")
         self.layer = layer
+        self.input_norm, self.pre_mlp_norm = plain_norm(layer.input_layernorm), plain_norm(layer.pre_mlp_layernorm)
         self.attention = AbsorbedMLA(layer.self_attention, capacity)
         self.feed_forward = plain_feed_forward(layer.mlp)
 
     def __call__(self, h: torch.Tensor, cache: LatentCache, index: int, start: int) -> torch.Tensor:
-        layer = self.layer
-        h = h + self.attention(layer.input_layernorm(h), cache, index, start)
-        return h + self.feed_forward(layer.pre_mlp_layernorm(h))
+        h = h + self.attention(self.input_norm(h), cache, index, start)
+        return h + self.feed_forward(self.pre_mlp_norm(h))

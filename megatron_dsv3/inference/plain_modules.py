@@ -13,14 +13,22 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
+from megatron_dsv3.model.norm import LatentRMSNorm, RMSNorm
 from megatron_dsv3.moe.grouped_experts import grouped_linear
 from megatron_dsv3.moe.router import DeepSeekRouter
 
 Step = Callable[[torch.Tensor], torch.Tensor]
+
+# Up to this many bytes of expert weights, a few (token, expert) pairs copy their experts' weights and run two
+# batched matmuls; beyond it the copy costs more than the grouped GEMM's fixed overhead (measured on CPU: the
+# crossover is ~0.3 MB, 16 pairs of 24 KB experts or under one pair of 390 KB experts).
+GATHER_BYTES = 256 * 1024
 
 
 def module_output(result):
@@ -42,6 +50,47 @@ def plain_linear(module) -> Step:
         return _calls(module)
     bias = module.bias if getattr(module, "bias", None) is not None and module.bias.numel() else None
     return partial(F.linear, weight=module.weight, bias=bias)
+
+
+def plain_norm(norm) -> Step:
+    """x -> F.rms_norm(x) with the module's weight and eps for this package's RMSNorm (what its forward calls
+    when no graph is recorded), skipping the module call; any other norm runs itself."""
+    if type(norm) not in (RMSNorm, LatentRMSNorm):
+        return norm
+    return partial(F.rms_norm, normalized_shape=(norm.weight.shape[0],), weight=norm.weight, eps=norm.eps)
+
+
+def plain_embedding(embedding) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """(ids [b, s], first position) -> [s, b, hidden]: one F.embedding for megatron-core's LanguageModelEmbedding
+    at TP=1 in eval mode without position or token-type embeddings (DeepSeek-V3's), else the module itself."""
+    words = embedding.word_embeddings
+    cfg = embedding.config
+    plain = (type(embedding) is LanguageModelEmbedding and type(words) is VocabParallelEmbedding
+             and not embedding.add_position_embedding and embedding.tokentype_embeddings is None
+             and not embedding.reduce_scatter_embeddings and not cfg.sequence_parallel
+             and not (getattr(cfg, "use_mup", False) and getattr(cfg, "mup_embedding_mult", 1.0) != 1.0)
+             and words.tp_group.size() == 1 and getattr(words, "gtp_remat_size", 1) <= 1)
+    if not plain:
+        def step(ids: torch.Tensor, start: int) -> torch.Tensor:
+            pos = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0).expand_as(ids)
+            return embedding(input_ids=ids, position_ids=pos)
+        return step
+    fp32 = cfg.fp32_residual_connection
+
+    def step(ids: torch.Tensor, start: int) -> torch.Tensor:
+        h = F.embedding(ids, words.weight).transpose(0, 1).contiguous()
+        return h.float() if fp32 else h
+    return step
+
+
+def plain_router_logits(router) -> Step:
+    """Router logits in the router's dtype as megatron-core's gating computes them (one mm, no autograd
+    Function), where Transformer Engine's GEMM and a router bias are absent; else the router's own gating."""
+    if moe_utils.te_general_gemm is not None or getattr(router, "bias", None) is not None:
+        return router.gating
+    dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(router.config.moe_router_dtype)
+    weight = router.weight
+    return lambda x: torch.mm(x.to(dtype or x.dtype), weight.to(dtype or x.dtype).t())
 
 
 def _is_swiglu(mlp) -> bool:
@@ -89,12 +138,15 @@ class RoutedExperts:
 
     def __init__(self, moe: MoELayer):
         self.moe, self.router = moe, moe.router
+        self.router_logits = plain_router_logits(moe.router)
         experts = moe.experts.local_experts
         self.weights = [(e.linear_fc1.weight, e.linear_fc2.weight) for e in experts]
         self.fc1 = _stacked([w for w, _ in self.weights])    # [E, 2 * ffn, hidden]
         self.fc2 = _stacked([w for _, w in self.weights])    # [E, hidden, ffn]
         if self.fc1 is None or self.fc2 is None:
             self.fc1 = self.fc2 = None
+        else:
+            self.expert_bytes = (self.fc1[0].numel() + self.fc2[0].numel()) * self.fc1.element_size()
         self.shared = plain_mlp(moe.shared_experts) if moe.shared_experts is not None else None
 
     @staticmethod
@@ -109,15 +161,16 @@ class RoutedExperts:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        gates, chosen = self.router.select(self.router.gating(flat))
+        gates, chosen = self.router.select(self.router_logits(flat))
         gates = gates.to(flat.dtype)
         if self.fc1 is None:
             return self._expert_by_expert(flat, gates, chosen).view(shape)
-        if 2 * chosen.numel() <= self.fc1.shape[0]:  # few pairs: gather their weights, two batched matmuls
+        if chosen.numel() * self.expert_bytes <= GATHER_BYTES:  # few pairs: gather their weights, two bmm
             x = flat.unsqueeze(1).expand(-1, chosen.shape[1], -1).reshape(-1, 1, flat.shape[-1])
-            hidden = _swiglu(torch.bmm(x, self.fc1[chosen.reshape(-1)].transpose(1, 2)))
+            pairs = chosen.reshape(-1)
+            hidden = _swiglu(torch.bmm(x, self.fc1.index_select(0, pairs).transpose(1, 2)))
             hidden = hidden * gates.reshape(-1, 1, 1)
-            out = torch.bmm(hidden, self.fc2[chosen.reshape(-1)].transpose(1, 2)).view(*chosen.shape, -1).sum(1)
+            out = torch.bmm(hidden, self.fc2.index_select(0, pairs).transpose(1, 2)).view(*chosen.shape, -1).sum(1)
             return (out if self.shared is None else out + self.shared(flat)).view(shape)
         order, token_of, counts = self._by_expert(chosen)           # more: one grouped GEMM per projection
         offsets = counts.cumsum(0).to(torch.int32)
