@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
@@ -24,6 +25,18 @@ class GenerationOutput:
 
     def as_list(self, row: int = 0) -> list[int]:
         return [int(t) for t in self.tokens[row]]
+
+
+def decoding(fn):
+    """Run a decoder under torch.inference_mode (less per-op bookkeeping than no_grad: a decode step is
+    hundreds of small ops) and hand back its tokens as an ordinary tensor, free to modify in place."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs) -> GenerationOutput:
+        with torch.inference_mode():
+            out = fn(*args, **kwargs)
+        out.tokens = out.tokens.clone()
+        return out
+    return run
 
 
 def as_batch(prompt: Union[Sequence[int], torch.Tensor]) -> torch.Tensor:
@@ -81,6 +94,8 @@ class InferenceEngine:
         self._embedding = plain_embedding(model.embedding)
         self._final_norm = plain_norm(model.decoder.final_layernorm)
         self._output_layer = plain_linear(model.output_layer)
+        self._tied_head = model.share_embeddings_and_output_weights
+        self._scale_logits = getattr(model, "_scale_logits", None)
         if mtp:  # the first MTP module drafts
             first = mtp.layers[0]
             self._mtp_eh_proj = plain_linear(first.eh_proj)
@@ -109,19 +124,20 @@ class InferenceEngine:
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         m = self.model
-        if m.share_embeddings_and_output_weights:
+        if self._tied_head:
             logits = module_output(m.output_layer(hidden, weight=m.shared_embedding_or_output_weight()))
         else:
             logits = self._output_layer(hidden)
-        scale = getattr(m, "_scale_logits", None)
-        if scale is not None:
-            logits = scale(logits)
-        return logits.transpose(0, 1).float()  # [b, s, vocab]
+        if self._scale_logits is not None:
+            logits = self._scale_logits(logits)
+        logits = logits.transpose(0, 1)  # [b, s, vocab]
+        return logits if logits.dtype == torch.float32 else logits.float()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def forward(self, ids: torch.Tensor, cache: LatentCache) -> tuple[torch.Tensor, torch.Tensor]:
         """Append `ids` [b, s] at positions cache.length.. ; returns (logits [b, s, vocab], the decoder's final
-        hidden states [s, b, hidden] after its final norm, which is what the MTP module takes)."""
+        hidden states [s, b, hidden] after its final norm, which is what the MTP module takes), both inference
+        tensors (read-only outside torch.inference_mode)."""
         start = cache.length
         h = self._embed(ids.to(self.device), start)
         for i, layer in enumerate(self.layers):
@@ -130,7 +146,7 @@ class InferenceEngine:
         h = self._final_norm(h)
         return self._logits(h), h
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def mtp_forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, cache: LatentCache,
                     last_only: bool = False, with_hidden: bool = False):
         """First MTP module at positions cache.length..: position i takes the main model's hidden h_i [s, b, H]
@@ -143,11 +159,11 @@ class InferenceEngine:
         x = self._mtp_eh_proj(torch.cat([e, hnorm(hidden)], dim=-1))
         x = self.mtp_layers[0](x, cache, 0, start)
         cache.length = start + next_ids.shape[1]
-        x = final_norm(x[-1:] if last_only else x)
+        x = final_norm(x[-1:] if last_only and x.shape[0] > 1 else x)
         return (self._logits(x), x) if with_hidden else self._logits(x)
 
     # ----- generation --------------------------------------------------------------------------------------
-    @torch.no_grad()
+    @decoding
     def generate(self, prompt, max_new_tokens: int, *, greedy: bool = True, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None,
                  eos_id: Optional[int] = None) -> GenerationOutput:

@@ -18,16 +18,17 @@ from typing import Callable, Optional
 
 import torch
 
-from megatron_dsv3.inference.generate import GenerationOutput, InferenceEngine, as_batch
+from megatron_dsv3.inference.generate import GenerationOutput, InferenceEngine, as_batch, decoding
 
 
 FALLBACK_WINDOW = 16  # verification steps judged at a time
 DEFAULT_DRAFT_TOKENS = 3  # chained drafts per main step (the tiny `make run` model: 3.4 tokens per main step)
 
 
-@torch.no_grad()
+@decoding
 def speculative_generate(engine: InferenceEngine, prompt, max_new_tokens: int, *,
-                         eos_id: Optional[int] = None, draft_tokens: int = DEFAULT_DRAFT_TOKENS, min_acceptance: float = 0.35,
+                         eos_id: Optional[int] = None, draft_tokens: int = DEFAULT_DRAFT_TOKENS,
+                         min_acceptance: float = 0.35,
                          draft_hook: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None) -> GenerationOutput:
     """Greedy generation of one prompt with `draft_tokens` MTP drafts per main-model step (the first MTP module,
     chained past the first); stats add acceptance_rate and tokens_per_main_step.
@@ -69,26 +70,25 @@ def speculative_generate(engine: InferenceEngine, prompt, max_new_tokens: int, *
         n = main.length
         step_logits, x = engine.mtp_forward(pend_hidden, pend_next, mtp, last_only=True, with_hidden=True)
         committed = mtp.length
-        drafts = []
+        drafts: list[int] = []
         for j in range(k):
             if j:
-                step_logits, x = engine.mtp_forward(x, drafts[-1].view(1, 1), mtp, with_hidden=True)
-            d = step_logits[0, -1].argmax()
-            drafts.append(d if draft_hook is None else draft_hook(n + 1 + j, d).view(()).to(d))
+                step_logits, x = engine.mtp_forward(x, torch.tensor([drafts[-1:]]), mtp, with_hidden=True)
+            d = int(step_logits[0, -1].argmax())
+            drafts.append(d if draft_hook is None else int(draft_hook(n + 1 + j, torch.tensor(d))))
         mtp.truncate(committed)                        # chained entries stood on drafts, not the main model
-        logits, hidden = engine.forward(torch.stack([ids.new_tensor(cur), *drafts]).view(1, k + 1), main)
+        logits, hidden = engine.forward(torch.tensor([[cur, *drafts]]), main)
         main_steps += 1
         verify_steps += 1
         drafted += k
         g = logits[0].argmax(-1).tolist()              # greedy choices at positions n .. n+k
-        d = torch.stack(drafts).tolist()
         a = 0
-        while a < k and g[a] == d[a]:
+        while a < k and g[a] == drafts[a]:
             a += 1
         accepted += a
         main.truncate(n + a + 1)
         cur = g[a]
-        pend_hidden, pend_next = hidden[: a + 1], ids.new_tensor([g[: a + 1]])
+        pend_hidden, pend_next = hidden[: a + 1], torch.tensor([g[: a + 1]])
         for t in g[: a + 1]:
             if not finished():
                 out.append(t)
@@ -97,7 +97,7 @@ def speculative_generate(engine: InferenceEngine, prompt, max_new_tokens: int, *
         if len(recent) == FALLBACK_WINDOW and sum(recent) < min_acceptance * FALLBACK_WINDOW:
             fell_back_at = len(out)
     while not finished():                              # plain greedy decoding from here
-        logits, _ = engine.forward(ids.new_tensor([[cur]]), main)
+        logits, _ = engine.forward(torch.tensor([[cur]]), main)
         main_steps += 1
         cur = int(logits[0, -1].argmax())
         out.append(cur)
