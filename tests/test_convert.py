@@ -339,3 +339,20 @@ def test_ep2_layout_round_trip(runtime, tmp_path):
                          str(tmp_path / "back"), "--hf-config", str(src / "config.json"),
                          "--max-shard-size", "30KB", "--no-progress"]) == 0
     assert_identical(read_hf(tmp_path / "back"), state)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_all_finite_flags_nan_and_inf_even_when_the_sum_overflows(dtype):
+    """The finite-sum shortcut may not hide a NaN/Inf, and a sum that overflows from finite values (fp16:
+    10 x 60000) must not be taken for an Inf."""
+    from megatron_dsv3.checkpoint.errors import all_finite
+
+    big = torch.full((10,), 60000.0, dtype=dtype)
+    assert all_finite(big) and all_finite(torch.randn(1000).to(dtype))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        t = big.clone()
+        t[3] = bad
+        assert not all_finite(t), bad
+    pair = big.clone()
+    pair[1], pair[2] = float("inf"), float("-inf")   # inf - inf: the sum is NaN, still caught
+    assert not all_finite(pair)
