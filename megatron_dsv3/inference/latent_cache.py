@@ -171,7 +171,6 @@ class CachedLayer:
     def __init__(self, layer, capacity: int):
         if layer.config.apply_residual_connection_post_layernorm:
             raise ValueError("apply_residual_connection_post_layernorm is not DeepSeek-V3's layout")
-        self.layer = layer
         self.input_norm, self.pre_mlp_norm = plain_norm(layer.input_layernorm), plain_norm(layer.pre_mlp_layernorm)
         self.attention = AbsorbedMLA(layer.self_attention, capacity)
         self.feed_forward = plain_feed_forward(layer.mlp)

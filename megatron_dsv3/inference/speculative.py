@@ -58,7 +58,7 @@ def speculative_generate(engine: InferenceEngine, prompt, max_new_tokens: int, *
     out = [cur]
     # MTP over the prompt: (h_i, t_{i+1}) for i = 0..P-1, the last pair drafts t_{P+1}.
     pend_hidden, pend_next = hidden, torch.cat([ids[:, 1:], ids.new_tensor([[cur]])], dim=1)
-    drafted = accepted = verified = verify_steps = 0
+    accepted = verify_steps = 0
     recent: list[bool] = []
     fell_back_at = None
 
@@ -80,7 +80,6 @@ def speculative_generate(engine: InferenceEngine, prompt, max_new_tokens: int, *
         logits, hidden = engine.forward(torch.tensor([[cur, *drafts]]), main)
         main_steps += 1
         verify_steps += 1
-        drafted += k
         g = logits[0].argmax(-1).tolist()              # greedy choices at positions n .. n+k
         a = 0
         while a < k and g[a] == drafts[a]:
@@ -92,7 +91,6 @@ def speculative_generate(engine: InferenceEngine, prompt, max_new_tokens: int, *
         for t in g[: a + 1]:
             if not finished():
                 out.append(t)
-                verified += 1
         recent = (recent + [a > 0])[-FALLBACK_WINDOW:]
         if len(recent) == FALLBACK_WINDOW and sum(recent) < min_acceptance * FALLBACK_WINDOW:
             fell_back_at = len(out)
@@ -103,6 +101,8 @@ def speculative_generate(engine: InferenceEngine, prompt, max_new_tokens: int, *
         out.append(cur)
     t_decode = time.perf_counter() - t1
     n_new = len(out)
+    drafted = k * verify_steps
+    verified = (n_new if fell_back_at is None else fell_back_at) - 1  # tokens the verification steps emitted
     stats = {
         "mode": "speculative",
         "prompt_tokens": p, "new_tokens": n_new, "batch": 1,
