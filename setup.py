@@ -23,8 +23,8 @@ setup(
     },
     entry_points={"console_scripts": [
         "dsv3-pretrain = megatron_dsv3.training.pretrain:main",
-        "dsv3-convert = megatron_dsv3.checkpoint.convert:main",
-        "dsv3-generate = megatron_dsv3.inference.cli:main",
+        "dsv3-convert = megatron_dsv3.checkpoint.convert:cli",
+        "dsv3-generate = megatron_dsv3.inference.cli:cli",
         "dsv3-eplb = megatron_dsv3.inference.eplb_cli:main",
     ]},
 )

@@ -226,6 +226,22 @@ def test_bad_inputs_exit_2_with_one_line(runtime, tmp_path, case):
     assert not out.exists() and not list(tmp_path.glob(".ckpt.tmp-*"))
 
 
+def test_command_exits_0_after_printing_its_result_and_a_valid_manifest(runtime, tmp_path):
+    """The console entry (`cli`: main, then an exit that skips the last garbage collection) still flushes the
+    result line and leaves every file complete: megatron-core verifies the manifest over all of them."""
+    from megatron.core.dist_checkpointing.validation import verify_integrity_manifest
+
+    _, _, state, config = tiny_checkpoint(tmp_path)
+    src, out = write_hf(tmp_path / "hf", state, config), tmp_path / "ckpt"
+    result = _cli("hf-to-mcore", "--input", str(src), "--output", str(out), "--no-progress")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.splitlines()[-1]) == {"command": "hf-to-mcore", "output": str(out)}
+    manifest = json.loads((out / "iter_0000000" / "integrity.json").read_text())["files"]
+    on_disk = {p.name for p in (out / "iter_0000000").iterdir()} - {"integrity.json"}
+    assert set(manifest) == on_disk and any(name.endswith(".distcp") for name in on_disk)
+    verify_integrity_manifest(str(out / "iter_0000000"))
+
+
 def test_bad_mcore_input_exit_2(runtime, tmp_path):
     assert convert.main(["mcore-to-hf", "--input", str(tmp_path / "none"), "--output", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o").exists()

@@ -17,7 +17,6 @@ import math
 import os
 import secrets
 import shutil
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -455,5 +454,12 @@ def main(argv=None) -> int:
     return 0
 
 
+def cli() -> None:
+    """The `dsv3-convert` console script."""
+    from megatron_dsv3.cli.exit import exit_after
+
+    exit_after(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

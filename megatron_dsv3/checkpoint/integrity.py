@@ -1,14 +1,14 @@
 """`integrity.json`: SHA-256 of every file of a checkpoint folder, in megatron-core's manifest format.
 
 Written and checked here without importing megatron-core (dsv3-convert stays light); megatron-core's own
-`verify_integrity_manifest` accepts what this writes. Files can be hashed (and flushed to disk) in a
-background thread as soon as they are complete, so hashing overlaps writing the next ones.
+`verify_integrity_manifest` accepts what this writes. Files can be hashed, and flushed to disk, in background
+threads as soon as they are complete, so both overlap writing the next ones. Hashing needs a core, flushing
+waits on the disk: each has its own thread so neither queues behind the other.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -22,11 +22,9 @@ class IntegrityError(ValueError):
 
 
 def _digest(f) -> str:
-    """SHA-256 of an open file, read through a memory map (no copy into Python buffers)."""
-    if os.fstat(f.fileno()).st_size == 0:
-        return hashlib.new(ALGORITHM).hexdigest()
-    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
-        return hashlib.new(ALGORITHM, view).hexdigest()
+    """SHA-256 of an open binary file, read in buffer-sized pieces (faster than through a memory map, whose
+    page faults cost more than the copy: 1.6 vs 1.3 GB/s on the CI machine)."""
+    return hashlib.file_digest(f, ALGORITHM).hexdigest()
 
 
 def file_digest(path) -> str:
@@ -34,23 +32,30 @@ def file_digest(path) -> str:
         return _digest(f)
 
 
-def _digest_and_sync(f) -> str:
+def _digest_and_close(f) -> str:
     with f:
-        digest = _digest(f)
+        return _digest(f)
+
+
+def _sync_and_close(f) -> None:
+    with f:
         os.fsync(f.fileno())
-    return digest
 
 
 class ManifestWriter:
     """Collects digests of finished files (hashed in the background), then writes the folder's manifest."""
 
     def __init__(self):
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dsv3-hash")
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dsv3-hash")  # the 2 files of each part
+        self._flush = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dsv3-fsync")
         self._pending: dict[str, Future] = {}  # str(path) -> digest
+        self._syncs: list[Future] = []
 
     def add(self, path: Path) -> None:
-        """Start hashing (and fsync-ing) the finished file `path`; it may be renamed meanwhile (see `moved`)."""
-        self._pending[str(path)] = self._pool.submit(_digest_and_sync, open(path, "rb"))
+        """Start hashing and fsync-ing the finished file `path`; it may be renamed meanwhile (see `moved`).
+        Both threads hold their own handle, opened now, so a rename does not lose the file."""
+        self._pending[str(path)] = self._pool.submit(_digest_and_close, open(path, "rb"))
+        self._syncs.append(self._flush.submit(_sync_and_close, open(path, "rb")))
 
     def moved(self, old: Path, new: Path) -> None:
         if str(old) in self._pending:
@@ -63,7 +68,10 @@ class ManifestWriter:
         for path in todo:
             self._pending[str(path)] = self._pool.submit(file_digest, path)
         digests = {p.name: self._pending[str(p)].result() for p in files}
+        for done in self._syncs:
+            done.result()
         self._pool.shutdown()
+        self._flush.shutdown()
         (folder / MANIFEST).write_text(json.dumps({"algorithm": ALGORITHM, "files": digests}, indent=2))
 
 

@@ -135,5 +135,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(json.dumps(stats))
 
 
+def cli() -> None:
+    """The `dsv3-generate` console script."""
+    from megatron_dsv3.cli.exit import exit_after
+
+    exit_after(main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()
