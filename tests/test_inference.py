@@ -195,6 +195,26 @@ def test_mtp_drafts_match_megatron_mtp_module(runtime):
     assert diff <= TOL, diff
 
 
+@pytest.mark.parametrize("variant", ["tiny", "no-q-lora-no-yarn"])
+def test_mtp_last_only_fills_the_same_cache_and_last_logits(runtime, variant):
+    """With last_only, the earlier positions only get cache entries (no attention output, no MoE): the cache,
+    the last logits and the next step after it equal the full pass (a prompt that starts mid-cache)."""
+    cfg, model = build(runtime, **VARIANTS[variant])
+    engine = InferenceEngine(model, capacity=48)
+    seq = torch.randint(0, cfg.vocab_size, (1, 30))
+    _, hidden = engine.forward(seq, engine.new_cache())
+    results = []
+    for last_only in (False, True):
+        mtp = engine.new_cache(mtp=True)
+        engine.mtp_forward(hidden[:5], seq[:, 1:6], mtp)                     # entries already in the cache
+        logits, x = engine.mtp_forward(hidden[5:28], seq[:, 6:29], mtp, last_only=last_only, with_hidden=True)
+        after = engine.mtp_forward(hidden[28:29], seq[:, 29:30], mtp)
+        results.append((logits[:, -1], x[-1], mtp.keys[0][:, :29].clone(), after))
+    assert results[1][0].shape == results[0][0].shape and mtp.length == 29
+    for full, last in zip(*results):
+        assert (full - last).abs().max().item() <= TOL
+
+
 def test_chained_drafts_match_one_shot_mtp(runtime, monkeypatch):
     """Every draft's logits equal the MTP module run in one shot with a fresh cache over what that draft should
     see: the true pairs (h_i, t_{i+1}) up to the last emitted token, then for draft j > 1 the chain

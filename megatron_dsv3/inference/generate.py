@@ -39,6 +39,18 @@ def decoding(fn):
     return run
 
 
+def inference_step(fn):
+    """Run a model step under torch.inference_mode, entering it only when the caller is not already inside
+    (a decoder calls its steps from within the mode; re-entering costs a few microseconds per step)."""
+    @functools.wraps(fn)
+    def step(*args, **kwargs):
+        if torch.is_inference_mode_enabled():
+            return fn(*args, **kwargs)
+        with torch.inference_mode():
+            return fn(*args, **kwargs)
+    return step
+
+
 def as_batch(prompt: Union[Sequence[int], torch.Tensor]) -> torch.Tensor:
     """A prompt (list of ids, 1-D or 2-D tensor of equal-length prompts) as a [batch, seq] long tensor."""
     ids = prompt if isinstance(prompt, torch.Tensor) else torch.tensor(list(prompt), dtype=torch.long)
@@ -133,7 +145,7 @@ class InferenceEngine:
         logits = logits.transpose(0, 1)  # [b, s, vocab]
         return logits if logits.dtype == torch.float32 else logits.float()
 
-    @torch.inference_mode()
+    @inference_step
     def forward(self, ids: torch.Tensor, cache: LatentCache) -> tuple[torch.Tensor, torch.Tensor]:
         """Append `ids` [b, s] at positions cache.length.. ; returns (logits [b, s, vocab], the decoder's final
         hidden states [s, b, hidden] after its final norm, which is what the MTP module takes), both inference
@@ -146,20 +158,20 @@ class InferenceEngine:
         h = self._final_norm(h)
         return self._logits(h), h
 
-    @torch.inference_mode()
+    @inference_step
     def mtp_forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, cache: LatentCache,
                     last_only: bool = False, with_hidden: bool = False):
         """First MTP module at positions cache.length..: position i takes the main model's hidden h_i [s, b, H]
         and the token t_{i+1} (next_ids [b, s]); returns logits [b, s, vocab] for t_{i+2} (with `last_only`,
-        [b, 1, vocab] for the last position: all a draft needs). With `with_hidden`, also the module's output
-        after its final norm (what megatron-core hands the next MTP depth), for chained drafts."""
+        [b, 1, vocab] for the last position: all a draft needs, so the others only fill the cache). With
+        `with_hidden`, also the module's output after its final norm (what megatron-core hands the next MTP
+        depth), for chained drafts."""
         enorm, hnorm, final_norm = self._mtp_norms
         start = cache.length
         e = enorm(self._embed(next_ids.to(self.device), start + 1))
         x = self._mtp_eh_proj(torch.cat([e, hnorm(hidden)], dim=-1))
-        x = self.mtp_layers[0](x, cache, 0, start)
+        x = final_norm(self.mtp_layers[0](x, cache, 0, start, last_only=last_only))
         cache.length = start + next_ids.shape[1]
-        x = final_norm(x[-1:] if last_only and x.shape[0] > 1 else x)
         return (self._logits(x), x) if with_hidden else self._logits(x)
 
     # ----- generation --------------------------------------------------------------------------------------

@@ -91,6 +91,11 @@ class RotaryTable:
         return x * self.cos.narrow(0, start, s) + x.roll(dim // 2, dims=-1) * self.signed_sin.narrow(0, start, s)
 
 
+def _check_room(cache: LatentCache, end: int) -> None:
+    if end > cache.capacity:
+        raise ValueError(f"cache capacity {cache.capacity} exceeded (need {end} positions)")
+
+
 class AbsorbedMLA:
     """Absorbed-form cached attention for one megatron-core MLA self-attention module (TP=1)."""
 
@@ -131,22 +136,32 @@ class AbsorbedMLA:
                 self._masks[s] = mask
         return mask
 
+    def _store(self, kv: torch.Tensor, k_rope: torch.Tensor, cache: LatentCache, layer: int, start: int) -> None:
+        """Write the normed latent (from kv_down's output kv) and the rotated rope key of positions start.. ."""
+        new_keys = torch.cat([self.kv_norm(kv.narrow(-1, 0, self.rank)), k_rope], dim=-1)
+        cache.keys[layer].narrow(1, start, kv.shape[0]).copy_(new_keys.transpose(0, 1))
+
+    def store_only(self, x: torch.Tensor, cache: LatentCache, layer: int, start: int) -> None:
+        """Only the cache entries of positions start.. (x: their normalised input [s, b, hidden]), for positions
+        whose attention output nobody reads."""
+        _check_room(cache, start + x.shape[0])
+        kv = self.kv_down(x)
+        self._store(kv, self.rotary.apply(kv.narrow(-1, self.rank, self.rope).unsqueeze(2), start).squeeze(2),
+                    cache, layer, start)
+
     def __call__(self, x: torch.Tensor, cache: LatentCache, layer: int, start: int) -> torch.Tensor:
         """x: the layer's normalised input [s, b, hidden] for positions start..start+s-1; writes their latent
         and rope key into `cache` (layer `layer`) and returns the attention output [s, b, hidden]."""
         s, b, h = x.shape[0], x.shape[1], self.heads
         end = start + s
-        if end > cache.capacity:
-            raise ValueError(f"cache capacity {cache.capacity} exceeded (need {end} positions)")
+        _check_room(cache, end)
         q = self.query(x).view(s, b, h, self.nope + self.rope)
         kv = self.kv_down(x)
         # The heads' rope queries and the shared rope key rotate together: [s, b, heads + 1, rope].
         rotated = self.rotary.apply(torch.cat([q.narrow(-1, self.nope, self.rope),
                                                kv.narrow(-1, self.rank, self.rope).unsqueeze(2)], dim=2), start)
-        keys = cache.keys[layer]
-        new_keys = torch.cat([self.kv_norm(kv.narrow(-1, 0, self.rank)), rotated.select(2, h)], dim=-1)
-        keys.narrow(1, start, s).copy_(new_keys.transpose(0, 1))
-        seen = keys.narrow(1, 0, end)                                             # [b, t, rank + rope]
+        self._store(kv, rotated.select(2, h), cache, layer, start)
+        seen = cache.keys[layer].narrow(1, 0, end)                                # [b, t, rank + rope]
 
         # The query in latent space per head, (q_nope W_UK, rotated q_rope), as rows (b, head, position).
         q_latent = torch.bmm(q.narrow(-1, 0, self.nope).reshape(s * b, h, self.nope).transpose(0, 1), self.w_uk)
@@ -175,6 +190,12 @@ class CachedLayer:
         self.attention = AbsorbedMLA(layer.self_attention, capacity)
         self.feed_forward = plain_feed_forward(layer.mlp)
 
-    def __call__(self, h: torch.Tensor, cache: LatentCache, index: int, start: int) -> torch.Tensor:
+    def __call__(self, h: torch.Tensor, cache: LatentCache, index: int, start: int,
+                 last_only: bool = False) -> torch.Tensor:
+        """The layer over positions start.. (h [s, b, hidden]); with `last_only`, the earlier positions only get
+        their cache entries and the output is the last position's [1, b, hidden]."""
+        if last_only and h.shape[0] > 1:
+            self.attention.store_only(self.input_norm(h[:-1]), cache, index, start)
+            h, start = h[-1:], start + h.shape[0] - 1
         h = h + self.attention(self.input_norm(h), cache, index, start)
         return h + self.feed_forward(self.pre_mlp_norm(h))
