@@ -37,13 +37,16 @@ DECODE_SHAPE = dict(vocab_size=2048, hidden_size=256, intermediate_size=768, moe
                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
 
 
-def interleaved(runs: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each callable, run round-robin `repeats` times after one warm-up each."""
+def interleaved(runs: dict, repeats: int, between=None) -> dict[str, float]:
+    """Median seconds of each callable, run round-robin `repeats` times after one warm-up each; `between()`
+    runs untimed before each timed call (to settle what the previous call left behind)."""
     for fn in runs.values():
         fn()
     times = {name: [] for name in runs}
     for _ in range(repeats):
         for name, fn in runs.items():
+            if between is not None:
+                between()
             t = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t)
@@ -269,13 +272,17 @@ def convert_section(args) -> dict:
         shards = sorted(hf_dir.glob("*.safetensors"))
         size = sum(p.stat().st_size for p in shards)
 
-        copy_shards = ("import sys; from pathlib import Path; from safetensors.torch import load_file, save_file\n"
-                       "for shard in sys.argv[2:]: save_file(load_file(shard), Path(sys.argv[1]) / Path(shard).name)")
+        copy_shards = ("import os, sys; from pathlib import Path; from safetensors.torch import load_file, save_file\n"
+                       "for shard in sys.argv[3:]:\n"
+                       "    save_file(load_file(shard), Path(sys.argv[2]) / Path(shard).name)\n"
+                       "    if sys.argv[1] == 'fsync':\n"
+                       "        fd = os.open(Path(sys.argv[2]) / Path(shard).name, os.O_RDONLY); os.fsync(fd); os.close(fd)")
 
-        def plain():  # the same fresh-process start (python, torch) as the converter's
+        def plain(durable: bool = False):  # the same fresh-process start (python, torch) as the converter's
             out = work / "plain"
             out.mkdir(exist_ok=True)
-            subprocess.run([sys.executable, "-c", copy_shards, str(out), *map(str, shards)], check=True)
+            subprocess.run([sys.executable, "-c", copy_shards, "fsync" if durable else "-", str(out),
+                            *map(str, shards)], check=True)
             shutil.rmtree(out)
 
         def convert():
@@ -285,12 +292,20 @@ def convert_section(args) -> dict:
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             shutil.rmtree(out)
 
-        t = interleaved({"plain": plain, "convert": convert}, args.repeats)
+        # Each run starts with no dirty pages: the plain copy leaves ~1 GB for the kernel to write back later,
+        # which would otherwise land in the next run's time (the converter fsyncs its own output).
+        # The converter fsyncs what it writes (a checkpoint survives a crash); `plain_fsync` is the same copy made
+        # as durable, so the disk's share of the difference shows.
+        t = interleaved({"plain": plain, "plain_fsync": lambda: plain(durable=True), "convert": convert},
+                        args.repeats, between=os.sync)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"convert: {size / 1e9:.2f} GB, dsv3-convert {size / 1e6 / t['convert']:.0f} MB/s, plain safetensors "
-          f"read + write {size / 1e6 / t['plain']:.0f} MB/s, convert/plain {t['convert'] / t['plain']:.2f}")
-    return {"convert_over_plain_safetensors": t["convert"] / t["plain"], "convert_checkpoint_gb": size / 1e9}
+    rate = {name: size / 1e6 / seconds for name, seconds in t.items()}
+    print(f"convert: {size / 1e9:.2f} GB, dsv3-convert {rate['convert']:.0f} MB/s, plain safetensors read + write "
+          f"{rate['plain']:.0f} MB/s ({rate['plain_fsync']:.0f} with fsync), convert/plain "
+          f"{t['convert'] / t['plain']:.2f} ({t['convert'] / t['plain_fsync']:.2f} against the fsync-ed copy)")
+    return {"convert_over_plain_safetensors": t["convert"] / t["plain"],
+            "convert_over_plain_fsynced": t["convert"] / t["plain_fsync"], "convert_checkpoint_gb": size / 1e9}
 
 
 SECTIONS = {"decode": decode_section, "spec": spec_section, "train": train_section, "trainer": trainer_section,
