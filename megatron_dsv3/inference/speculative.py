@@ -54,10 +54,11 @@ def speculative_generate(engine: InferenceEngine, prompt, max_new_tokens: int, *
     logits, hidden = engine.forward(ids, main)
     t_prefill = time.perf_counter() - t0
     main_steps = 1
-    cur = int(logits[0, -1].argmax())                  # t_P
+    cur_id = logits[:, -1:].argmax(-1)                  # t_P, [1, 1]: ids stay tensors, ints only to compare
+    cur = int(cur_id)
     out = [cur]
     # MTP over the prompt: (h_i, t_{i+1}) for i = 0..P-1, the last pair drafts t_{P+1}.
-    pend_hidden, pend_next = hidden, torch.cat([ids[:, 1:], ids.new_tensor([[cur]])], dim=1)
+    pend_hidden, pend_next = hidden, torch.cat([ids[:, 1:], cur_id], dim=1)
     accepted = verify_steps = 0
     recent: list[bool] = []
     fell_back_at = None
@@ -70,24 +71,28 @@ def speculative_generate(engine: InferenceEngine, prompt, max_new_tokens: int, *
         n = main.length
         step_logits, x = engine.mtp_forward(pend_hidden, pend_next, mtp, last_only=True, with_hidden=True)
         committed = mtp.length
-        drafts: list[int] = []
+        draft_ids: list[torch.Tensor] = []              # [1, 1] each
         for j in range(k):
             if j:
-                step_logits, x = engine.mtp_forward(x, torch.tensor([drafts[-1:]]), mtp, with_hidden=True)
-            d = int(step_logits[0, -1].argmax())
-            drafts.append(d if draft_hook is None else int(draft_hook(n + 1 + j, torch.tensor(d))))
+                step_logits, x = engine.mtp_forward(x, draft_ids[-1], mtp, with_hidden=True)
+            d = step_logits[:, -1].argmax(-1, keepdim=True)
+            if draft_hook is not None:
+                d = torch.as_tensor(draft_hook(n + 1 + j, d.view(())), dtype=torch.long).view(1, 1)
+            draft_ids.append(d)
         mtp.truncate(committed)                        # chained entries stood on drafts, not the main model
-        logits, hidden = engine.forward(torch.tensor([[cur, *drafts]]), main)
+        step_ids = torch.cat([cur_id, *draft_ids], dim=1)
+        logits, hidden = engine.forward(step_ids, main)
         main_steps += 1
         verify_steps += 1
-        g = logits[0].argmax(-1).tolist()              # greedy choices at positions n .. n+k
+        choice_ids = logits.argmax(-1)                 # greedy choices at positions n .. n+k, [1, k + 1]
+        g, drafts = choice_ids[0].tolist(), step_ids[0, 1:].tolist()
         a = 0
         while a < k and g[a] == drafts[a]:
             a += 1
         accepted += a
         main.truncate(n + a + 1)
-        cur = g[a]
-        pend_hidden, pend_next = hidden[: a + 1], torch.tensor([g[: a + 1]])
+        cur, cur_id = g[a], choice_ids[:, a : a + 1]
+        pend_hidden, pend_next = hidden[: a + 1], choice_ids[:, : a + 1]
         for t in g[: a + 1]:
             if not finished():
                 out.append(t)
