@@ -136,48 +136,42 @@ class AbsorbedMLA:
                 self._masks[s] = mask
         return mask
 
-    def _store(self, kv: torch.Tensor, k_rope: torch.Tensor, cache: LatentCache, layer: int, start: int) -> None:
-        """Write the normed latent (from kv_down's output kv) and the rotated rope key of positions start.. ."""
-        new_keys = torch.cat([self.kv_norm(kv.narrow(-1, 0, self.rank)), k_rope], dim=-1)
-        cache.keys[layer].narrow(1, start, kv.shape[0]).copy_(new_keys.transpose(0, 1))
-
-    def store_only(self, x: torch.Tensor, cache: LatentCache, layer: int, start: int) -> None:
-        """Only the cache entries of positions start.. (x: their normalised input [s, b, hidden]), for positions
-        whose attention output nobody reads."""
-        _check_room(cache, start + x.shape[0])
-        kv = self.kv_down(x)
-        self._store(kv, self.rotary.apply(kv.narrow(-1, self.rank, self.rope).unsqueeze(2), start).squeeze(2),
-                    cache, layer, start)
-
-    def __call__(self, x: torch.Tensor, cache: LatentCache, layer: int, start: int) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, cache: LatentCache, layer: int, start: int,
+                 last_only: bool = False) -> torch.Tensor:
         """x: the layer's normalised input [s, b, hidden] for positions start..start+s-1; writes their latent
-        and rope key into `cache` (layer `layer`) and returns the attention output [s, b, hidden]."""
+        and rope key into `cache` (layer `layer`) and returns the attention output [s, b, hidden], or with
+        `last_only` only the last position's [1, b, hidden]: the others are keys and nothing else."""
         s, b, h = x.shape[0], x.shape[1], self.heads
         end = start + s
         _check_room(cache, end)
-        q = self.query(x).view(s, b, h, self.nope + self.rope)
+        n = 1 if last_only else s                                                 # positions that query
+        q = self.query(x.narrow(0, s - n, n)).view(n, b, h, self.nope + self.rope)
         kv = self.kv_down(x)
-        # The heads' rope queries and the shared rope key rotate together: [s, b, heads + 1, rope].
-        rotated = self.rotary.apply(torch.cat([q.narrow(-1, self.nope, self.rope),
-                                               kv.narrow(-1, self.rank, self.rope).unsqueeze(2)], dim=2), start)
-        self._store(kv, rotated.select(2, h), cache, layer, start)
-        seen = cache.keys[layer].narrow(1, 0, end)                                # [b, t, rank + rope]
+        q_rope, k_rope = q.narrow(-1, self.nope, self.rope), kv.narrow(-1, self.rank, self.rope).unsqueeze(2)
+        if n == s:  # the heads' rope queries and the shared rope key rotate together: [s, b, heads + 1, rope]
+            rotated = self.rotary.apply(torch.cat([q_rope, k_rope], dim=2), start)
+            q_rope, k_rope = rotated.narrow(2, 0, h), rotated.select(2, h)
+        else:
+            q_rope, k_rope = self.rotary.apply(q_rope, end - n), self.rotary.apply(k_rope, start).squeeze(2)
+        keys = cache.keys[layer]
+        new_keys = torch.cat([self.kv_norm(kv.narrow(-1, 0, self.rank)), k_rope], dim=-1)
+        keys.narrow(1, start, s).copy_(new_keys.transpose(0, 1))
+        seen = keys.narrow(1, 0, end)                                             # [b, t, rank + rope]
 
         # The query in latent space per head, (q_nope W_UK, rotated q_rope), as rows (b, head, position).
-        q_latent = torch.bmm(q.narrow(-1, 0, self.nope).reshape(s * b, h, self.nope).transpose(0, 1), self.w_uk)
-        q_latent = q_latent.view(h, s, b, self.rank).permute(2, 0, 1, 3)         # [b, h, s, rank]
-        q_rope = rotated.narrow(2, 0, h).permute(1, 2, 0, 3)                      # [b, h, s, rope]
-        query = torch.cat([q_latent, q_rope], dim=-1).reshape(b, h * s, self.rank + self.rope)
-        scores = torch.bmm(query, seen.transpose(1, 2)) * self.scale             # [b, h * s, t]
-        if s > 1:  # the new tokens see every cached position and each other causally
-            scores.view(b, h, s, end).narrow(-1, start, s).masked_fill_(self._future(s, x.device), float("-inf"))
+        q_latent = torch.bmm(q.narrow(-1, 0, self.nope).reshape(n * b, h, self.nope).transpose(0, 1), self.w_uk)
+        q_latent = q_latent.view(h, n, b, self.rank).permute(2, 0, 1, 3)         # [b, h, n, rank]
+        query = torch.cat([q_latent, q_rope.permute(1, 2, 0, 3)], dim=-1).reshape(b, h * n, self.rank + self.rope)
+        scores = torch.bmm(query, seen.transpose(1, 2)) * self.scale             # [b, h * n, t]
+        if n > 1:  # the new tokens see every cached position and each other causally
+            scores.view(b, h, n, end).narrow(-1, end - n, n).masked_fill_(self._future(n, x.device), float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
         if probs.dtype != seen.dtype:
             probs = probs.to(seen.dtype)
-        ctx_latent = torch.bmm(probs, seen.narrow(-1, 0, self.rank))              # [b, h * s, rank]
-        ctx_latent = ctx_latent.view(b, h, s, self.rank).permute(1, 2, 0, 3).reshape(h, s * b, self.rank)
-        ctx = torch.bmm(ctx_latent, self.w_uv_t)                                 # [h, s * b, vdim]
-        return self.proj(ctx.transpose(0, 1).reshape(s, b, h * self.vdim))
+        ctx_latent = torch.bmm(probs, seen.narrow(-1, 0, self.rank))              # [b, h * n, rank]
+        ctx_latent = ctx_latent.view(b, h, n, self.rank).permute(1, 2, 0, 3).reshape(h, n * b, self.rank)
+        ctx = torch.bmm(ctx_latent, self.w_uv_t)                                 # [h, n * b, vdim]
+        return self.proj(ctx.transpose(0, 1).reshape(n, b, h * self.vdim))
 
 
 class CachedLayer:
@@ -194,8 +188,6 @@ class CachedLayer:
                  last_only: bool = False) -> torch.Tensor:
         """The layer over positions start.. (h [s, b, hidden]); with `last_only`, the earlier positions only get
         their cache entries and the output is the last position's [1, b, hidden]."""
-        if last_only and h.shape[0] > 1:
-            self.attention.store_only(self.input_norm(h[:-1]), cache, index, start)
-            h, start = h[-1:], start + h.shape[0] - 1
-        h = h + self.attention(self.input_norm(h), cache, index, start)
+        attended = self.attention(self.input_norm(h), cache, index, start, last_only=last_only)
+        h = h.narrow(0, h.shape[0] - attended.shape[0], attended.shape[0]) + attended
         return h + self.feed_forward(self.pre_mlp_norm(h))
