@@ -215,6 +215,21 @@ def test_mtp_last_only_fills_the_same_cache_and_last_logits(runtime, variant):
         assert (full - last).abs().max().item() <= TOL
 
 
+def test_mtp_input_norm_pair_is_both_norms_bit_for_bit_and_follows_their_weights(runtime):
+    """The MTP module's enorm and hnorm run as one rms_norm over both halves: the same bits as the two modules,
+    and their weights stay the modules' own (an in-place update, as an optimizer makes, shows up)."""
+    from megatron_dsv3.inference.plain_modules import plain_norm_pair
+
+    cfg, model = build(runtime)
+    layer = model.mtp.layers[0]
+    pair = plain_norm_pair(layer.enorm, layer.hnorm)
+    e, h = torch.randn(3, 2, cfg.hidden_size), torch.randn(3, 2, cfg.hidden_size)
+    with torch.no_grad():
+        for _ in range(2):
+            assert torch.equal(pair(e, h), torch.cat([layer.enorm(e), layer.hnorm(h)], dim=-1))
+            layer.hnorm.weight.mul_(1.5)
+
+
 def test_chained_drafts_match_one_shot_mtp(runtime, monkeypatch):
     """Every draft's logits equal the MTP module run in one shot with a fresh cache over what that draft should
     see: the true pairs (h_i, t_{i+1}) up to the last emitted token, then for draft j > 1 the chain

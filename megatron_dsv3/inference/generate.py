@@ -15,7 +15,8 @@ from typing import Optional, Sequence, Union
 import torch
 
 from megatron_dsv3.inference.latent_cache import CachedLayer, LatentCache
-from megatron_dsv3.inference.plain_modules import module_output, plain_embedding, plain_linear, plain_norm
+from megatron_dsv3.inference.plain_modules import (module_output, plain_embedding, plain_linear, plain_norm,
+                                                    plain_norm_pair)
 
 
 @dataclass
@@ -111,7 +112,8 @@ class InferenceEngine:
         if mtp:  # the first MTP module drafts
             first = mtp.layers[0]
             self._mtp_eh_proj = plain_linear(first.eh_proj)
-            self._mtp_norms = plain_norm(first.enorm), plain_norm(first.hnorm), plain_norm(first.final_layernorm)
+            self._mtp_input_norms = plain_norm_pair(first.enorm, first.hnorm)   # cat([enorm(e), hnorm(h)])
+            self._mtp_final_norm = plain_norm(first.final_layernorm)
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
 
@@ -166,11 +168,9 @@ class InferenceEngine:
         [b, 1, vocab] for the last position: all a draft needs, so the others only fill the cache). With
         `with_hidden`, also the module's output after its final norm (what megatron-core hands the next MTP
         depth), for chained drafts."""
-        enorm, hnorm, final_norm = self._mtp_norms
         start = cache.length
-        e = enorm(self._embed(next_ids.to(self.device), start + 1))
-        x = self._mtp_eh_proj(torch.cat([e, hnorm(hidden)], dim=-1))
-        x = final_norm(self.mtp_layers[0](x, cache, 0, start, last_only=last_only))
+        x = self._mtp_eh_proj(self._mtp_input_norms(self._embed(next_ids.to(self.device), start + 1), hidden))
+        x = self._mtp_final_norm(self.mtp_layers[0](x, cache, 0, start, last_only=last_only))
         cache.length = start + next_ids.shape[1]
         return (self._logits(x), x) if with_hidden else self._logits(x)
 

@@ -60,6 +60,24 @@ def plain_norm(norm) -> Step:
     return partial(F.rms_norm, normalized_shape=(norm.weight.shape[0],), weight=norm.weight, eps=norm.eps)
 
 
+def plain_norm_pair(first, second) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """(a, b) -> cat([first(a), second(b)], -1), the MTP module's two input norms. Two of this package's
+    RMSNorms of one width and eps run as one F.rms_norm over both halves times both weights (the same bits,
+    one norm call fewer per draft); their weights become rows of one [2, width] tensor, as the experts' do."""
+    if type(first) in (RMSNorm, LatentRMSNorm) and type(second) is type(first) and first.eps == second.eps \
+            and first.weight.shape == second.weight.shape:
+        weights = _stacked([first.weight, second.weight])
+        if weights is not None:
+            width, eps = first.weight.shape[0], first.eps
+
+            def pair(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+                both = torch.cat([a, b], dim=-1).view(*a.shape[:-1], 2, width)
+                return (F.rms_norm(both, (width,), None, eps) * weights).view(*a.shape[:-1], 2 * width)
+            return pair
+    first, second = plain_norm(first), plain_norm(second)
+    return lambda a, b: torch.cat([first(a), second(b)], dim=-1)
+
+
 def plain_embedding(embedding) -> Callable[[torch.Tensor, int], torch.Tensor]:
     """(ids [b, s], first position) -> [s, b, hidden]: one F.embedding for megatron-core's LanguageModelEmbedding
     at TP=1 in eval mode without position or token-type embeddings (DeepSeek-V3's), else the module itself."""
