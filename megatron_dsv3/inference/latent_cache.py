@@ -145,7 +145,7 @@ class AbsorbedMLA:
         end = start + s
         _check_room(cache, end)
         n = 1 if last_only else s                                                 # positions that query
-        q = self.query(x.narrow(0, s - n, n)).view(n, b, h, self.nope + self.rope)
+        q = self.query(x if n == s else x.narrow(0, s - 1, 1)).view(n, b, h, self.nope + self.rope)
         kv = self.kv_down(x)
         q_rope, k_rope = q.narrow(-1, self.nope, self.rope), kv.narrow(-1, self.rank, self.rope).unsqueeze(2)
         if n == s:  # the heads' rope queries and the shared rope key rotate together: [s, b, heads + 1, rope]
@@ -189,5 +189,5 @@ class CachedLayer:
         """The layer over positions start.. (h [s, b, hidden]); with `last_only`, the earlier positions only get
         their cache entries and the output is the last position's [1, b, hidden]."""
         attended = self.attention(self.input_norm(h), cache, index, start, last_only=last_only)
-        h = h.narrow(0, h.shape[0] - attended.shape[0], attended.shape[0]) + attended
+        h = (h if attended.shape[0] == h.shape[0] else h.narrow(0, h.shape[0] - 1, 1)) + attended
         return h + self.feed_forward(self.pre_mlp_norm(h))

@@ -75,7 +75,7 @@ def speculative_generate(engine: InferenceEngine, prompt, max_new_tokens: int, *
         for j in range(k):
             if j:
                 step_logits, x = engine.mtp_forward(x, draft_ids[-1], mtp, with_hidden=True)
-            d = step_logits[:, -1].argmax(-1, keepdim=True)
+            d = step_logits.argmax(-1)                 # [1, 1]: a draft call returns the last position only
             if draft_hook is not None:
                 d = torch.as_tensor(draft_hook(n + 1 + j, d.view(())), dtype=torch.long).view(1, 1)
             draft_ids.append(d)
