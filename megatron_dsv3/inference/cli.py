@@ -38,7 +38,8 @@ def add_generate_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                    help=f"with --speculative: MTP drafts per main-model step, chained past the first "
                         f"(default {DEFAULT_DRAFT_TOKENS})")
     g.add_argument("--stop-at-eod", action="store_true", help="stop after the byte tokenizer's end-of-document id")
-    g.add_argument("--capacity", type=int, default=None, help="cache positions (default: prompt + new tokens + 1, + draft tokens with --speculative)")
+    g.add_argument("--capacity", type=int, default=None,
+                   help="cache positions (default: prompt + new tokens + 1, + draft tokens with --speculative)")
     return parser
 
 

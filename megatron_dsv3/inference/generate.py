@@ -28,21 +28,10 @@ class GenerationOutput:
         return [int(t) for t in self.tokens[row]]
 
 
-def decoding(fn):
-    """Run a decoder under torch.inference_mode (less per-op bookkeeping than no_grad: a decode step is
-    hundreds of small ops) and hand back its tokens as an ordinary tensor, free to modify in place."""
-    @functools.wraps(fn)
-    def run(*args, **kwargs) -> GenerationOutput:
-        with torch.inference_mode():
-            out = fn(*args, **kwargs)
-        out.tokens = out.tokens.clone()
-        return out
-    return run
-
-
 def inference_step(fn):
-    """Run a model step under torch.inference_mode, entering it only when the caller is not already inside
-    (a decoder calls its steps from within the mode; re-entering costs a few microseconds per step)."""
+    """Run a model step under torch.inference_mode (less per-op bookkeeping than no_grad: a decode step is
+    hundreds of small ops), entering it only when the caller is not already inside (a decoder calls its steps
+    from within the mode; re-entering costs a few microseconds per step)."""
     @functools.wraps(fn)
     def step(*args, **kwargs):
         if torch.is_inference_mode_enabled():
@@ -50,6 +39,19 @@ def inference_step(fn):
         with torch.inference_mode():
             return fn(*args, **kwargs)
     return step
+
+
+def decoding(fn):
+    """A decoder run as an inference step that hands back its tokens as an ordinary tensor, free to modify in
+    place outside the mode."""
+    step = inference_step(fn)
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs) -> GenerationOutput:
+        out = step(*args, **kwargs)
+        out.tokens = out.tokens.clone()
+        return out
+    return run
 
 
 def as_batch(prompt: Union[Sequence[int], torch.Tensor]) -> torch.Tensor:

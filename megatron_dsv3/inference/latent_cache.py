@@ -91,11 +91,6 @@ class RotaryTable:
         return x * self.cos.narrow(0, start, s) + x.roll(dim // 2, dims=-1) * self.signed_sin.narrow(0, start, s)
 
 
-def _check_room(cache: LatentCache, end: int) -> None:
-    if end > cache.capacity:
-        raise ValueError(f"cache capacity {cache.capacity} exceeded (need {end} positions)")
-
-
 class AbsorbedMLA:
     """Absorbed-form cached attention for one megatron-core MLA self-attention module (TP=1)."""
 
@@ -103,7 +98,6 @@ class AbsorbedMLA:
         cfg = attention.config
         if getattr(attention, "num_attention_heads_per_partition", cfg.num_attention_heads) != cfg.num_attention_heads:
             raise ValueError("tensor_model_parallel_size: the latent-cache engine runs with TP=1 only")
-        self.attn = attention
         self.heads = cfg.num_attention_heads
         self.nope, self.rope, self.vdim = cfg.qk_head_dim, cfg.qk_pos_emb_head_dim, cfg.v_head_dim
         self.rank = cfg.kv_lora_rank
@@ -143,7 +137,8 @@ class AbsorbedMLA:
         `last_only` only the last position's [1, b, hidden]: the others are keys and nothing else."""
         s, b, h = x.shape[0], x.shape[1], self.heads
         end = start + s
-        _check_room(cache, end)
+        if end > cache.capacity:
+            raise ValueError(f"cache capacity {cache.capacity} exceeded (need {end} positions)")
         n = 1 if last_only else s                                                 # positions that query
         q = self.query(x if n == s else x.narrow(0, s - 1, 1)).view(n, b, h, self.nope + self.rope)
         kv = self.kv_down(x)

@@ -55,8 +55,7 @@ def speculative_generate(engine: InferenceEngine, prompt, max_new_tokens: int, *
     t_prefill = time.perf_counter() - t0
     main_steps = 1
     cur_id = logits[:, -1:].argmax(-1)                  # t_P, [1, 1]: ids stay tensors, ints only to compare
-    cur = int(cur_id)
-    out = [cur]
+    out = [int(cur_id)]
     # MTP over the prompt: (h_i, t_{i+1}) for i = 0..P-1, the last pair drafts t_{P+1}.
     pend_hidden, pend_next = hidden, torch.cat([ids[:, 1:], cur_id], dim=1)
     accepted = verify_steps = 0
@@ -91,7 +90,7 @@ def speculative_generate(engine: InferenceEngine, prompt, max_new_tokens: int, *
             a += 1
         accepted += a
         main.truncate(n + a + 1)
-        cur, cur_id = g[a], choice_ids[:, a : a + 1]
+        cur_id = choice_ids[:, a : a + 1]
         pend_hidden, pend_next = hidden[: a + 1], choice_ids[:, : a + 1]
         for t in g[: a + 1]:
             if not finished():
@@ -100,10 +99,10 @@ def speculative_generate(engine: InferenceEngine, prompt, max_new_tokens: int, *
         if len(recent) == FALLBACK_WINDOW and sum(recent) < min_acceptance * FALLBACK_WINDOW:
             fell_back_at = len(out)
     while not finished():                              # plain greedy decoding from here
-        logits, _ = engine.forward(torch.tensor([[cur]]), main)
+        logits, _ = engine.forward(cur_id, main)
         main_steps += 1
-        cur = int(logits[0, -1].argmax())
-        out.append(cur)
+        cur_id = logits[:, -1:].argmax(-1)
+        out.append(int(cur_id))
     t_decode = time.perf_counter() - t1
     n_new = len(out)
     drafted = k * verify_steps
