@@ -96,13 +96,20 @@ def test_cached_decoding_matches_beyond_the_yarn_original_context(runtime):
     assert worst <= TOL, worst
 
 
-@pytest.mark.parametrize("tokens,in_buffer", [(1, False), (3, False), (3, True)])
-def test_routed_experts_equal_the_moe_layer_and_run_only_the_chosen_experts(runtime, tokens, in_buffer):
+@pytest.mark.parametrize("tokens,in_buffer,path", [(1, False, "gather"), (3, False, "gather"), (1, False, "grouped"),
+                                                    (3, False, "grouped"), (3, True, "expert by expert")])
+def test_routed_experts_equal_the_moe_layer_and_run_only_the_chosen_experts(runtime, monkeypatch, tokens,
+                                                                            in_buffer, path):
     """Decode's MoE step equals the training MoE layer, and experts no token chose are never computed: their
-    weights, poisoned with NaN after the reference, leave the output finite and unchanged. 2 pairs gather
-    their experts' weights, 6 run grouped GEMMs; weights inside a larger buffer (as megatron-core's DDP keeps
-    them) are read in place, expert by expert."""
+    weights, poisoned with NaN after the reference, leave the output finite and unchanged. Each path is
+    forced: pairs that gather their experts' weights, grouped GEMMs, and weights inside a larger buffer (as
+    megatron-core's DDP keeps them) read in place, expert by expert."""
+    from megatron_dsv3.inference import plain_modules
     from megatron_dsv3.inference.plain_modules import RoutedExperts, module_output
+
+    monkeypatch.setattr(plain_modules, "GATHER_BYTES", 0 if path == "grouped" else 1 << 40)
+    real_grouped, grouped_calls = plain_modules.grouped_linear, []
+    monkeypatch.setattr(plain_modules, "grouped_linear", lambda *a: grouped_calls.append(a) or real_grouped(*a))
 
     cfg, model = build(runtime)
     moe = model.decoder.layers[1].mlp
@@ -131,6 +138,7 @@ def test_routed_experts_equal_the_moe_layer_and_run_only_the_chosen_experts(runt
         assert torch.isnan(fast.fc1).any()  # the experts' weights are views of the stacked tensor,
         assert RoutedExperts(moe).fc1.data_ptr() == fast.fc1.data_ptr()  # which a second engine reuses
     assert torch.allclose(got, want, atol=1e-6)
+    assert bool(grouped_calls) == (path == "grouped")
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

@@ -25,10 +25,11 @@ from megatron_dsv3.moe.router import DeepSeekRouter
 
 Step = Callable[[torch.Tensor], torch.Tensor]
 
-# Up to this many bytes of expert weights, a few (token, expert) pairs copy their experts' weights and run two
-# batched matmuls; beyond it the copy costs more than the grouped GEMM's fixed overhead (measured on CPU: the
-# crossover is ~0.3 MB, 16 pairs of 24 KB experts or under one pair of 390 KB experts).
-GATHER_BYTES = 256 * 1024
+# Up to this many bytes of expert weights, the (token, expert) pairs copy their experts' weights and run two
+# batched matmuls; beyond it the copy (~12 GB/s) costs more than the grouped GEMM's fixed ~100 us. Measured on
+# 2 CPU cores: gathering wins up to ~50 pairs of 24 KB experts (the tiny preset) and 4 pairs of 290 KB ones
+# (the small preset, 88 vs 148 us), and ties at 4 pairs of 390 KB ones (the speed benchmark's shape).
+GATHER_BYTES = 1280 * 1024
 
 
 def module_output(result):
