@@ -246,11 +246,13 @@ def test_chained_drafts_match_one_shot_mtp(runtime, monkeypatch):
     cfg, model = build(runtime)
     engine = InferenceEngine(model, capacity=64)
     prompt = torch.randint(0, cfg.vocab_size, (6,)).tolist()
-    calls, drafts = [], []
+    calls, drafts, step_starts = [], [], []
     mtp_forward = engine.mtp_forward
 
     def recording(*args, **kwargs):
         result = mtp_forward(*args, **kwargs)
+        if kwargs.get("last_only"):                                        # a step's first draft
+            step_starts.append(len(calls))
         calls.append(result[0][0, -1].clone())
         return result
 
@@ -261,8 +263,9 @@ def test_chained_drafts_match_one_shot_mtp(runtime, monkeypatch):
     assert len(calls) == len(drafts) >= 12
     seq = torch.tensor([prompt + out.as_list()])
     _, hidden = engine.forward(seq, engine.new_cache())                  # h_i for every position
+    assert step_starts[0] == 0 and all(0 < b - a <= 3 for a, b in zip(step_starts, step_starts[1:] + [len(calls)]))
     for j, (pos, _) in enumerate(drafts):
-        depth = j % 3                                                      # 0: the first draft of its step
+        depth = j - max(s for s in step_starts if s <= j)                  # 0: the first draft of its step
         n = pos - 1 - depth                                                # main-cache length at that step
         h, nxt = hidden[:n], seq[:, 1 : n + 1]                             # the true pairs, positions 0..n-1
         for _, chained in drafts[j - depth : j]:                           # then the chain so far
@@ -286,7 +289,7 @@ def check_speculative_equals_greedy(model, engine, prompts, new_tokens, draft_to
         st = spec.stats
         assert st["main_model_steps"] == 1 + st["verify_steps"] + st["plain_steps"]
         assert st["tokens_per_main_step"] == pytest.approx(new_tokens / st["main_model_steps"])
-        assert st["drafted"] == draft_tokens * st["verify_steps"]
+        assert st["drafted"] <= draft_tokens * st["verify_steps"]
         drafted, accepted = drafted + st["drafted"], accepted + st["accepted_drafts"]
     return drafted, accepted
 
@@ -299,6 +302,22 @@ def test_speculative_equals_greedy_random_init(runtime, draft_tokens):
     prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist() for n in (1, 5, 17)]
     drafted, accepted = check_speculative_equals_greedy(model, engine, prompts, 20, draft_tokens)
     assert drafted > accepted   # untrained drafts are rejected: the rollback path runs
+
+
+def forced_steps(pattern: str, draft_tokens: int, new_tokens: int, min_acceptance: float = 0.35) -> list[list[bool]]:
+    """The verification steps that drafts forced by `pattern` (cycled) must give, from the rules alone: a step
+    drafts min(draft_tokens, tokens still wanted - 1) and emits its leading accepts plus one; 16 steps with
+    drafts whose first draft was accepted in fewer than `min_acceptance` of them end speculation."""
+    emitted, used, steps, recent = 1, 0, [], []
+    while emitted < new_tokens:
+        step = [pattern[(used + i) % len(pattern)] == "A" for i in range(min(draft_tokens, new_tokens - emitted - 1))]
+        used += len(step)
+        leading = next((i for i, ok in enumerate(step) if not ok), len(step))
+        emitted, steps = emitted + leading + 1, steps + [step]
+        recent = (recent + [leading > 0])[-16:] if step else recent
+        if len(recent) == 16 and sum(recent) < min_acceptance * 16:
+            break
+    return steps
 
 
 def test_speculative_bookkeeping_under_forced_accept_reject_patterns(runtime):
@@ -318,11 +337,13 @@ def test_speculative_bookkeeping_under_forced_accept_reject_patterns(runtime):
 
         spec = speculative_generate(engine, prompt, 30, draft_tokens=1, draft_hook=hook)
         assert spec.as_list() == greedy[len(prompt):], pattern
-        assert spec.stats["accepted_drafts"] == sum(decisions) and spec.stats["verify_steps"] == len(decisions)
+        steps = forced_steps(pattern, 1, 30)
+        assert sum(map(len, steps)) == len(decisions) == spec.stats["drafted"], pattern
+        assert spec.stats["accepted_drafts"] == sum(decisions) and spec.stats["verify_steps"] == len(steps)
         fell_back_at = spec.stats["fell_back_to_plain_at"]  # only all-rejects falls under 35% over 16 drafts
         assert (fell_back_at is not None) == (pattern == "R"), pattern
         plain_steps = 30 - fell_back_at if fell_back_at else 0
-        assert spec.stats["main_model_steps"] == 1 + len(decisions) + plain_steps
+        assert spec.stats["main_model_steps"] == 1 + len(steps) + plain_steps
         if pattern == "R":
             assert fell_back_at == 1 + 16  # the first token, then one per rejected draft
 
@@ -331,27 +352,29 @@ def test_speculative_bookkeeping_under_forced_accept_reject_patterns(runtime):
 def test_chained_draft_bookkeeping_under_forced_patterns(runtime, pattern):
     """Three drafts per step forced right or wrong: a step emits its leading accepted drafts plus the main
     model's next token (a reject after an accept rolls the cache back to that point), the output is the greedy
-    output, and the counts follow the pattern."""
+    output, the counts follow the pattern, and no draft guesses past the last token asked for."""
     cfg, model = build(runtime)
     engine = InferenceEngine(model, capacity=64)
     prompt = torch.randint(0, cfg.vocab_size, (5,)).tolist()
     greedy = prompt + engine.generate(prompt, 40).as_list()
-    decisions = []
+    decisions, positions = [], []
 
     def hook(position, draft):
         accept = pattern[len(decisions) % len(pattern)] == "A"
         decisions.append(accept)
-        right = greedy[position] if position < len(greedy) else 0
-        return torch.tensor(right if accept else (right + 1) % cfg.vocab_size)
+        positions.append(position)
+        return torch.tensor(greedy[position] if accept else (greedy[position] + 1) % cfg.vocab_size)
 
-    spec = speculative_generate(engine, prompt, 28, draft_tokens=3, min_acceptance=0.0, draft_hook=hook)
-    assert spec.as_list() == greedy[len(prompt) : len(prompt) + 28]
-    steps = [decisions[i : i + 3] for i in range(0, len(decisions), 3)]
-    leading = [next((i for i, ok in enumerate(step) if not ok), 3) for step in steps]
-    st = spec.stats
-    assert st["verify_steps"] == len(steps) and st["drafted"] == len(decisions)
-    assert st["accepted_drafts"] == sum(leading)
-    assert 1 + sum(a + 1 for a in leading) >= 28 > 1 + sum(a + 1 for a in leading[:-1])
+    for new_tokens in (28, 29, 30):
+        decisions.clear(), positions.clear()
+        spec = speculative_generate(engine, prompt, new_tokens, draft_tokens=3, min_acceptance=0.0, draft_hook=hook)
+        assert spec.as_list() == greedy[len(prompt) : len(prompt) + new_tokens]
+        steps = forced_steps(pattern, 3, new_tokens, min_acceptance=0.0)
+        leading = [next((i for i, ok in enumerate(step) if not ok), len(step)) for step in steps]
+        st = spec.stats
+        assert st["verify_steps"] == len(steps) and st["drafted"] == len(decisions) == sum(map(len, steps))
+        assert st["accepted_drafts"] == sum(leading)
+        assert max(positions) <= len(prompt) + new_tokens - 2  # the last token comes from the verification
 
 
 @pytest.mark.parametrize("draft_tokens", [1, 3])

@@ -58,7 +58,7 @@ def speculative_generate(engine: InferenceEngine, prompt, max_new_tokens: int, *
     out = [int(cur_id)]
     # MTP over the prompt: (h_i, t_{i+1}) for i = 0..P-1, the last pair drafts t_{P+1}.
     pend_hidden, pend_next = hidden, torch.cat([ids[:, 1:], cur_id], dim=1)
-    accepted = verify_steps = 0
+    accepted = verify_steps = drafted = 0
     recent: list[bool] = []
     fell_back_at = None
 
@@ -68,25 +68,28 @@ def speculative_generate(engine: InferenceEngine, prompt, max_new_tokens: int, *
     t1 = time.perf_counter()
     while not finished() and fell_back_at is None:
         n = main.length
-        step_logits, x = engine.mtp_forward(pend_hidden, pend_next, mtp, last_only=True, with_hidden=True)
-        committed = mtp.length
+        drafts_now = min(k, max_new_tokens - len(out) - 1)  # none past the last token asked for
         draft_ids: list[torch.Tensor] = []              # [1, 1] each
-        for j in range(k):
-            if j:
-                step_logits, x = engine.mtp_forward(x, draft_ids[-1], mtp, with_hidden=True)
-            d = step_logits.argmax(-1)                 # [1, 1]: a draft call returns the last position only
-            if draft_hook is not None:
-                d = torch.as_tensor(draft_hook(n + 1 + j, d.view(())), dtype=torch.long).view(1, 1)
-            draft_ids.append(d)
-        mtp.truncate(committed)                        # chained entries stood on drafts, not the main model
+        if drafts_now:
+            step_logits, x = engine.mtp_forward(pend_hidden, pend_next, mtp, last_only=True, with_hidden=True)
+            committed = mtp.length
+            for j in range(drafts_now):
+                if j:
+                    step_logits, x = engine.mtp_forward(x, draft_ids[-1], mtp, with_hidden=True)
+                d = step_logits.argmax(-1)             # [1, 1]: a draft call returns the last position only
+                if draft_hook is not None:
+                    d = torch.as_tensor(draft_hook(n + 1 + j, d.view(())), dtype=torch.long).view(1, 1)
+                draft_ids.append(d)
+            mtp.truncate(committed)                    # chained entries stood on drafts, not the main model
         step_ids = torch.cat([cur_id, *draft_ids], dim=1)
         logits, hidden = engine.forward(step_ids, main)
         main_steps += 1
         verify_steps += 1
-        choice_ids = logits.argmax(-1)                 # greedy choices at positions n .. n+k, [1, k + 1]
+        drafted += drafts_now
+        choice_ids = logits.argmax(-1)                 # greedy choices at positions n .. n+drafts, [1, drafts + 1]
         g, drafts = choice_ids[0].tolist(), step_ids[0, 1:].tolist()
         a = 0
-        while a < k and g[a] == drafts[a]:
+        while a < drafts_now and g[a] == drafts[a]:
             a += 1
         accepted += a
         main.truncate(n + a + 1)
@@ -95,7 +98,8 @@ def speculative_generate(engine: InferenceEngine, prompt, max_new_tokens: int, *
         for t in g[: a + 1]:
             if not finished():
                 out.append(t)
-        recent = (recent + [a > 0])[-FALLBACK_WINDOW:]
+        if drafts_now:
+            recent = (recent + [a > 0])[-FALLBACK_WINDOW:]
         if len(recent) == FALLBACK_WINDOW and sum(recent) < min_acceptance * FALLBACK_WINDOW:
             fell_back_at = len(out)
     while not finished():                              # plain greedy decoding from here
@@ -105,7 +109,6 @@ def speculative_generate(engine: InferenceEngine, prompt, max_new_tokens: int, *
         out.append(int(cur_id))
     t_decode = time.perf_counter() - t1
     n_new = len(out)
-    drafted = k * verify_steps
     verified = (n_new if fell_back_at is None else fell_back_at) - 1  # tokens the verification steps emitted
     stats = {
         "mode": "speculative",
