@@ -2,7 +2,7 @@
 
     dsv3-generate --load runs/tiny-XXXX/checkpoints --preset tiny --prompt "def " --max-new-tokens 64 --greedy
     dsv3-generate --load CKPT --preset tiny --prompt "x" --max-new-tokens 64 --temperature 0.8 --top-k 40 --seed 1
-    dsv3-generate --load CKPT --preset tiny --prompt "x" --max-new-tokens 64 --speculative [--draft-tokens 3]
+    dsv3-generate --load CKPT --preset tiny --prompt "x" --max-new-tokens 64 --speculative [--draft-tokens N]
 
 The model flags are dsv3-pretrain's (`--preset` plus Megatron-LM overrides such as `--num-layers`), parsed the
 same way, so a checkpoint is read with the flags it was trained with. Prints the generated text, then one JSON

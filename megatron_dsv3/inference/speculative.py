@@ -22,7 +22,8 @@ from megatron_dsv3.inference.generate import GenerationOutput, InferenceEngine, 
 
 
 FALLBACK_WINDOW = 16  # verification steps judged at a time
-DEFAULT_DRAFT_TOKENS = 3  # chained drafts per main step (the tiny `make run` model: 3.4 tokens per main step)
+DEFAULT_DRAFT_TOKENS = 4  # chained drafts per main step (the tiny `make run` model: 3.9 tokens per main step,
+#                          1.55x greedy against 1.52x with 3)
 
 
 @decoding
