@@ -366,7 +366,8 @@ def test_chained_draft_bookkeeping_under_forced_patterns(runtime, pattern):
         return torch.tensor(greedy[position] if accept else (greedy[position] + 1) % cfg.vocab_size)
 
     for new_tokens in (28, 29, 30):
-        decisions.clear(), positions.clear()
+        decisions.clear()
+        positions.clear()
         spec = speculative_generate(engine, prompt, new_tokens, draft_tokens=3, min_acceptance=0.0, draft_hook=hook)
         assert spec.as_list() == greedy[len(prompt) : len(prompt) + new_tokens]
         steps = forced_steps(pattern, 3, new_tokens, min_acceptance=0.0)

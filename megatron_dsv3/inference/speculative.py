@@ -22,8 +22,7 @@ from megatron_dsv3.inference.generate import GenerationOutput, InferenceEngine, 
 
 
 FALLBACK_WINDOW = 16  # verification steps judged at a time
-DEFAULT_DRAFT_TOKENS = 4  # chained drafts per main step (the tiny `make run` model: 3.9 tokens per main step,
-#                          1.55x greedy against 1.52x with 3)
+DEFAULT_DRAFT_TOKENS = 4  # chained drafts per main step (the `make run` model: 3.9 tokens a step, 1.55x greedy)
 
 
 @decoding
@@ -32,7 +31,8 @@ def speculative_generate(engine: InferenceEngine, prompt, max_new_tokens: int, *
                          min_acceptance: float = 0.35,
                          draft_hook: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None) -> GenerationOutput:
     """Greedy generation of one prompt with `draft_tokens` MTP drafts per main-model step (the first MTP module,
-    chained past the first); stats add acceptance_rate and tokens_per_main_step.
+    chained past the first; fewer near the end, none past the last token asked for); stats add acceptance_rate
+    and tokens_per_main_step.
 
     When the first draft was accepted in fewer than `min_acceptance` of the last 16 steps, drafting stops and
     the rest is decoded plainly (a draft costs an MTP step and a wider verification; below that rate it does
