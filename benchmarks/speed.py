@@ -49,12 +49,15 @@ def interleaved(runs: dict, repeats: int, between=None) -> dict[str, float]:
                 between()
             t = time.perf_counter()
             fn()
+            if torch.cuda.is_initialized():  # kernels still queued belong to this call
+                torch.cuda.synchronize()
             times[name].append(time.perf_counter() - t)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def random_hf_pair(shape: dict, seed: int = 0):
-    """A random transformers DeepseekV3ForCausalLM and our model with its weights (dsv3 import path)."""
+def random_hf_pair(shape: dict, seed: int = 0, device: str = "cpu"):
+    """A random transformers DeepseekV3ForCausalLM and our model with its weights (dsv3 import path), on
+    `device`."""
     import transformers
 
     import megatron_dsv3 as m
@@ -73,18 +76,18 @@ def random_hf_pair(shape: dict, seed: int = 0):
     runtime.initialize(tp=1, pp=1, ep=1, seed=seed)
     ours = m.build_model(config_from_hf(hf_config), backend="local").eval()
     load_hf_state_dict(ours, hf.state_dict(), rope_interleave=getattr(hf_config, "rope_interleave", True))
-    return hf, ours
+    return hf.to(device), ours.to(device)
 
 
 def decode_section(args) -> dict:
     from megatron_dsv3.inference import InferenceEngine
 
-    hf, ours = random_hf_pair(DECODE_SHAPE)
+    hf, ours = random_hf_pair(DECODE_SHAPE, device=args.device)
     engine = InferenceEngine(ours, capacity=args.prompt_len + args.new_tokens)
     result = {}
     for batch in (1, 8):
         prompt = torch.randint(0, DECODE_SHAPE["vocab_size"], (batch, args.prompt_len),
-                               generator=torch.Generator().manual_seed(batch))
+                               generator=torch.Generator().manual_seed(batch)).to(args.device)
         outputs = {}
 
         def run_ours():
@@ -118,9 +121,9 @@ def spec_section(args) -> dict:
             "spec_acceptance": r["acceptance_rate"], "spec_identical": r["outputs_identical"]}
 
 
-def _batch(vocab: int, batch: int, seq: int, seed: int = 0):
+def _batch(vocab: int, batch: int, seq: int, seed: int = 0, device: str = "cpu"):
     g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, vocab, (batch, seq + 1), generator=g)
+    tokens = torch.randint(0, vocab, (batch, seq + 1), generator=g).to(device)
     return tokens[:, :-1], tokens[:, 1:]
 
 
@@ -173,8 +176,8 @@ def train_section(args) -> dict:
     cfg = config_from_hf(hf_config).replace(num_nextn_predict_layers=0)
     runtime.initialize(tp=1, pp=1, ep=1, seed=0)
     _register_native_spec()
-    tokens, labels = _batch(cfg.vocab_size, args.train_batch, args.train_seq)
-    positions = torch.arange(args.train_seq).expand_as(tokens)
+    tokens, labels = _batch(cfg.vocab_size, args.train_batch, args.train_seq, device=args.device)
+    positions = torch.arange(args.train_seq, device=args.device).expand_as(tokens)
 
     def mcore_forward(model):
         return model(tokens, positions, None, labels=labels).float().mean()
@@ -186,10 +189,10 @@ def train_section(args) -> dict:
         return torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     torch.manual_seed(0)
-    ours = m.build_model(cfg, backend="local")
-    native = m.build_model(cfg, backend="local", spec="mcore-native")
-    hf = transformers.DeepseekV3ForCausalLM(hf_config)
-    mtp_model = m.build_model(cfg.replace(num_nextn_predict_layers=1), backend="local")
+    ours = m.build_model(cfg, backend="local").to(args.device)
+    native = m.build_model(cfg, backend="local", spec="mcore-native").to(args.device)
+    hf = transformers.DeepseekV3ForCausalLM(hf_config).to(args.device)
+    mtp_model = m.build_model(cfg.replace(num_nextn_predict_layers=1), backend="local").to(args.device)
     runs = {"ours": _step_fn(ours, adam(ours), mcore_forward), "native": _step_fn(native, adam(native), mcore_forward),
             "transformers": _step_fn(hf, adam(hf), hf_forward),
             "ours_mtp": _step_fn(mtp_model, adam(mtp_model), mcore_forward)}
@@ -322,6 +325,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--train-seq", type=int, default=128)
     ap.add_argument("--trainer-iters", type=int, default=30)
     ap.add_argument("--spec-new-tokens", type=int, default=64)
+    ap.add_argument("--device", default="cpu", help="where the decode and train sections run (cuda: one GPU)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -10,6 +10,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
+from megatron_dsv3 import runtime
 from megatron_dsv3.moe.balancing import biased_routers, global_expert_loads
 
 
@@ -23,7 +24,8 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 def forward_step(data_iterator, model):
     """megatron-core forward_step: next micro-batch through the GPTModel (MTP loss is attached inside)."""
-    batch = next(data_iterator)
+    device = runtime.device()  # batches come off the CPU data pipeline; the model runs on this rank's GPU
+    batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
                    loss_mask=batch["loss_mask"])
     return output, partial(loss_func, batch["loss_mask"].float())
