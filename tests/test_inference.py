@@ -378,6 +378,25 @@ def test_chained_draft_bookkeeping_under_forced_patterns(runtime, pattern):
         assert max(positions) <= len(prompt) + new_tokens - 2  # the last token comes from the verification
 
 
+def test_speculative_fits_the_cache_greedy_fits(runtime):
+    """Drafts stop at the last token asked for, so speculative decoding needs no cache positions beyond
+    greedy's (prompt + new tokens): with every draft accepted it fills exactly that cache, and one fewer
+    position is refused by both with the same error."""
+    cfg, model = build(runtime)
+    prompt = torch.randint(0, cfg.vocab_size, (5,)).tolist()
+    new_tokens = 23
+    engine = InferenceEngine(model, capacity=len(prompt) + new_tokens)
+    greedy = prompt + engine.generate(prompt, new_tokens).as_list()
+    spec = speculative_generate(engine, prompt, new_tokens, draft_tokens=4, min_acceptance=0.0,
+                                draft_hook=lambda position, draft: torch.tensor(greedy[position]))
+    assert spec.as_list() == greedy[len(prompt):]
+    assert spec.stats["accepted_drafts"] == spec.stats["drafted"] > 0
+    short = InferenceEngine(model, capacity=len(prompt) + new_tokens - 1)
+    for run in (lambda: short.generate(prompt, new_tokens), lambda: speculative_generate(short, prompt, new_tokens)):
+        with pytest.raises(ValueError, match="max_new_tokens: .* exceeds the cache capacity"):
+            run()
+
+
 @pytest.mark.parametrize("draft_tokens", [1, 3])
 def test_speculative_equals_greedy_trained_model(trained, draft_tokens):
     cfg, model = trained

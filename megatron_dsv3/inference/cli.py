@@ -98,7 +98,7 @@ def run(argv: Sequence[str]) -> dict:
         raise UsageError(f"--vocab-size: the model's vocabulary ({cfg.vocab_size}) is smaller than the byte "
                          f"tokenizer's ({tok.vocab_size})")
     ids = tok.tokenize(args.prompt)
-    needed = len(ids) + args.max_new_tokens + (draft_tokens if args.speculative else 1)
+    needed = len(ids) + args.max_new_tokens  # speculative too: its drafts stop at the last token asked for
     if needed > cfg.max_position_embeddings:
         raise UsageError(f"--max-new-tokens: the prompt ({len(ids)} tokens) plus {args.max_new_tokens} new tokens "
                          f"exceed the model's position limit --max-position-embeddings {cfg.max_position_embeddings}")

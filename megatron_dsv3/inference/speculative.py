@@ -47,9 +47,9 @@ def speculative_generate(engine: InferenceEngine, prompt, max_new_tokens: int, *
     if ids.shape[0] != 1:
         raise ValueError("speculative decoding takes one prompt at a time (batch 1)")
     p = ids.shape[1]
-    if p + max_new_tokens + k > engine.capacity:
-        raise ValueError(f"max_new_tokens: prompt ({p}) + {max_new_tokens} + {k} draft(s) exceeds the cache "
-                         f"capacity {engine.capacity}")
+    if p + max_new_tokens > engine.capacity:  # as greedy: no draft goes past the last token asked for
+        raise ValueError(f"max_new_tokens: prompt ({p}) + {max_new_tokens} exceeds the cache capacity "
+                         f"{engine.capacity}")
     main, mtp = engine.new_cache(1), engine.new_cache(1, mtp=True)
     t0 = time.perf_counter()
     logits, hidden = engine.forward(ids, main)
