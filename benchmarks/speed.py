@@ -39,8 +39,10 @@ DECODE_SHAPE = dict(vocab_size=2048, hidden_size=256, intermediate_size=768, moe
 
 def interleaved(runs: dict, repeats: int, between=None) -> dict[str, float]:
     """Median seconds of each callable, run round-robin `repeats` times after one warm-up each; `between()`
-    runs untimed before each timed call (to settle what the previous call left behind)."""
+    runs untimed before every call (to clear what the previous call left behind)."""
     for fn in runs.values():
+        if between is not None:
+            between()
         fn()
     times = {name: [] for name in runs}
     for _ in range(repeats):
@@ -286,21 +288,25 @@ def convert_section(args) -> dict:
             out.mkdir(exist_ok=True)
             subprocess.run([sys.executable, "-c", copy_shards, "fsync" if durable else "-", str(out),
                             *map(str, shards)], check=True)
-            shutil.rmtree(out)
 
         def convert():
             out = work / "mcore"
             subprocess.run([sys.executable, "-m", "megatron_dsv3.checkpoint.convert", "hf-to-mcore", "--input",
                             str(hf_dir), "--output", str(out), "--no-progress"], check=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            shutil.rmtree(out)
 
-        # Each run starts with no dirty pages: the plain copy leaves ~1 GB for the kernel to write back later,
-        # which would otherwise land in the next run's time (the converter fsyncs its own output).
+        def settle():  # untimed: the last run's output goes, and nothing is left for the kernel to write back
+            for out in (work / "plain", work / "mcore"):
+                shutil.rmtree(out, ignore_errors=True)
+            os.sync()
+
+        # Each run starts with no dirty pages and no output: the plain copy leaves ~1 GB for the kernel to write
+        # back later, which would otherwise land in the next run's time (the converter fsyncs its own output),
+        # and deleting an output (0.1-0.25 s) is not part of making it.
         # The converter fsyncs what it writes (a checkpoint survives a crash); `plain_fsync` is the same copy made
         # as durable, so the disk's share of the difference shows.
         t = interleaved({"plain": plain, "plain_fsync": lambda: plain(durable=True), "convert": convert},
-                        args.repeats, between=os.sync)
+                        args.repeats, between=settle)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rate = {name: size / 1e6 / seconds for name, seconds in t.items()}
