@@ -372,3 +372,18 @@ def test_all_finite_flags_nan_and_inf_but_not_large_finite_values(dtype):
     pair = big.clone()
     pair[1], pair[2] = float("inf"), float("-inf")   # inf - inf: the sum is NaN, still caught
     assert not all_finite(pair)
+
+
+def test_write_part_digests_are_the_written_files_sha256(tmp_path):
+    """The digests taken while DCP writes (integrity.json reads nothing back) are those of the files on disk."""
+    import hashlib
+
+    from megatron_dsv3.checkpoint import dcp_io
+
+    g = torch.Generator().manual_seed(0)
+    chunks = [(f"t{i}", (2 * n, 3), (n, 0), torch.randn(n, 3, generator=g)) for i, n in enumerate((1, 7, 5000, 40000))]
+    digests = dcp_io.write_part(tmp_path / "part", chunks, {"obj/shard_0_1": {"a": 1}})
+    files = sorted(p for p in (tmp_path / "part").iterdir() if p.suffix == ".distcp")
+    assert sorted(digests) == files and len(files) >= 1
+    for path, digest in digests.items():
+        assert digest == hashlib.sha256(path.read_bytes()).hexdigest(), path

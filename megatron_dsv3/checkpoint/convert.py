@@ -247,7 +247,7 @@ def hf_to_mcore(input_dir, output_dir, *, tp: int = 1, pp: int = 1, ep: int = 1,
         if rank == 0:
             parts.mkdir(parents=True)
         _barrier()
-        hashes = ManifestWriter() if rank == 0 else None  # hashing its files while it converts the next shard
+        hashes = ManifestWriter() if rank == 0 else None  # flushing its files while it converts the next shard
         bar = _progress(len(pieces), "hf-to-mcore", progress)
         for i, path in enumerate(src.files):
             chunks, handles = [], {}
@@ -256,8 +256,8 @@ def hf_to_mcore(input_dir, output_dir, *, tp: int = 1, pp: int = 1, ep: int = 1,
                 chunks.append((piece.key, piece.global_shape, piece.offsets, t.reshape(piece.chunk_shape)))
                 bar.update(world)
             files = dcp_io.write_part(parts / f"{i:05d}-{rank:05d}", chunks)
-            for file in files if rank == 0 else ():  # rank 0 hashes other ranks' files at the end
-                hashes.add(file)
+            for file, digest in files.items() if rank == 0 else ():  # other ranks' files: hashed at the end
+                hashes.add(file, digest)
             del chunks, handles  # unmaps the shard
         bar.close()
         if rank == 0:  # the common state and the linears' (empty) extra states, as megatron-core saves them

@@ -11,15 +11,18 @@ arbitrary regions (one expert of a stacked expert tensor, say), so only those by
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import os
 import pickle
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.default_planner import create_default_global_save_plan
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import (LoadPlan, LoadPlanner, ReadItem, SavePlan, SavePlanner,
@@ -70,14 +73,55 @@ class _ChunkSavePlanner(SavePlanner):
         return self.data[write_item.index]
 
 
+class _HashingStream(io.RawIOBase):
+    """A binary file being written front to back, hashed (SHA-256) on the way."""
+
+    def __init__(self, raw):
+        self.raw, self.hash = raw, hashlib.sha256()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self.hash.update(b)  # releases the GIL for large buffers, as the write does
+        return self.raw.write(b)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def fileno(self) -> int:
+        return self.raw.fileno()
+
+
+class _HashingFileSystem(FileSystem):
+    """DCP's local file system, keeping the SHA-256 of each file it writes (integrity.json needs no re-read)."""
+
+    def __init__(self):
+        super().__init__()
+        self.digests: dict[Path, str] = {}
+
+    @contextmanager
+    def create_stream(self, path, mode: str):
+        with super().create_stream(path, mode) as raw:
+            if "w" not in mode:
+                yield raw
+                return
+            stream = _HashingStream(raw)
+            yield stream
+        self.digests[Path(path)] = stream.hash.hexdigest()  # only once the file is complete and closed
+
+
 def write_part(part: Path, chunks: Sequence[tuple[str, tuple, tuple, torch.Tensor]],
-               objects: Optional[Mapping[str, Any]] = None) -> list[Path]:
+               objects: Optional[Mapping[str, Any]] = None) -> dict[Path, str]:
     """Write one DCP checkpoint in this process alone: each `(key, global shape, offsets, tensor)` as a chunk,
-    each object under its unique key. Returns the data files written (not yet fsync-ed)."""
-    dcp_save({}, storage_writer=FileSystemWriter(str(part), single_file_per_rank=True, sync_files=False,
-                                              thread_count=2),
-             planner=_ChunkSavePlanner(chunks, objects or {}), no_dist=True)
-    return sorted(p for p in part.iterdir() if p.suffix == ".distcp")
+    each object under its unique key. Returns the SHA-256 of each data file written (not yet fsync-ed)."""
+    writer = FileSystemWriter(str(part), single_file_per_rank=True, sync_files=False, thread_count=2)
+    writer.fs = _HashingFileSystem()
+    dcp_save({}, storage_writer=writer, planner=_ChunkSavePlanner(chunks, objects or {}), no_dist=True)
+    return {p: digest for p, digest in writer.fs.digests.items() if p.suffix == ".distcp"}
 
 
 def write_mcore_config(folder: Path, **extra) -> None:

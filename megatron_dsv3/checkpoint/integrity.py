@@ -1,9 +1,9 @@
 """`integrity.json`: SHA-256 of every file of a checkpoint folder, in megatron-core's manifest format.
 
 Written and checked here without importing megatron-core (dsv3-convert stays light); megatron-core's own
-`verify_integrity_manifest` accepts what this writes. Files can be hashed, and flushed to disk, in background
-threads as soon as they are complete, so both overlap writing the next ones. Hashing needs a core, flushing
-waits on the disk: each has its own thread so neither queues behind the other.
+`verify_integrity_manifest` accepts what this writes. A writer that hashes its files as it writes them
+(`dcp_io.write_part`) hands the digests over, and each finished file is flushed to disk on a background
+thread while the next ones are written.
 """
 from __future__ import annotations
 
@@ -32,45 +32,39 @@ def file_digest(path) -> str:
         return _digest(f)
 
 
-def _digest_and_close(f) -> str:
-    with f:
-        return _digest(f)
-
-
 def _sync_and_close(f) -> None:
     with f:
         os.fsync(f.fileno())
 
 
 class ManifestWriter:
-    """Collects digests of finished files (hashed in the background), then writes the folder's manifest."""
+    """Collects the digests of finished files (taken while they were written), flushes them to disk in the
+    background, then writes the folder's manifest, hashing whatever files it was not given."""
 
     def __init__(self):
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dsv3-hash")  # the 2 files of each part
         self._flush = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dsv3-fsync")
-        self._pending: dict[str, Future] = {}  # str(path) -> digest
+        self._digests: dict[str, str] = {}  # str(path) -> SHA-256
         self._syncs: list[Future] = []
 
-    def add(self, path: Path) -> None:
-        """Start hashing and fsync-ing the finished file `path`; it may be renamed meanwhile (see `moved`).
-        Both threads hold their own handle, opened now, so a rename does not lose the file."""
-        self._pending[str(path)] = self._pool.submit(_digest_and_close, open(path, "rb"))
+    def add(self, path: Path, digest: str) -> None:
+        """Record the digest of the finished file `path` and start fsync-ing it; it may be renamed meanwhile
+        (see `moved`): the flushing thread holds its own handle, opened now."""
+        self._digests[str(path)] = digest
         self._syncs.append(self._flush.submit(_sync_and_close, open(path, "rb")))
 
     def moved(self, old: Path, new: Path) -> None:
-        if str(old) in self._pending:
-            self._pending[str(new)] = self._pending.pop(str(old))
+        if str(old) in self._digests:
+            self._digests[str(new)] = self._digests.pop(str(old))
 
     def write(self, folder: Path) -> None:
         """Write `folder/integrity.json` over every file in `folder`, reusing the digests already taken."""
         files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
-        todo = [p for p in files if str(p) not in self._pending]
-        for path in todo:
-            self._pending[str(path)] = self._pool.submit(file_digest, path)
-        digests = {p.name: self._pending[str(p)].result() for p in files}
+        todo = [p for p in files if str(p) not in self._digests]
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="dsv3-hash") as pool:
+            self._digests.update(zip(map(str, todo), pool.map(file_digest, todo)))
+        digests = {p.name: self._digests[str(p)] for p in files}
         for done in self._syncs:
             done.result()
-        self._pool.shutdown()
         self._flush.shutdown()
         (folder / MANIFEST).write_text(json.dumps({"algorithm": ALGORITHM, "files": digests}, indent=2))
 
