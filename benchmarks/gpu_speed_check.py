@@ -61,7 +61,8 @@ def _sync(device: str) -> None:
 
 
 def microbatch_flops(cfg, seq: int, micro_batch: int, model_kwargs: dict, device: str) -> int:
-    """Forward + backward FLOPs of one micro-batch, counted op by op (matmuls and attention; no recompute)."""
+    """Forward + backward FLOPs of one micro-batch, counted op by op (matmuls and attention; no recompute).
+    torch's counter counts attention in full, the masked (causal) half included, as PaLM's MFU formula does."""
     from megatron.core.transformer.module import Float16Module
     from torch.utils.flop_counter import FlopCounterMode
 
