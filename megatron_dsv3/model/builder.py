@@ -6,7 +6,7 @@ from typing import Optional
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
-from megatron_dsv3 import registry
+from megatron_dsv3 import registry, runtime
 from megatron_dsv3.config import DSV3Config
 from megatron_dsv3.model.backends import get_backend
 from megatron_dsv3.model.transformer_config import to_mcore_config
@@ -15,7 +15,8 @@ from megatron_dsv3.model.transformer_config import to_mcore_config
 def build_model(config: DSV3Config, backend: Optional[str] = None, *, spec: str = "dsv3",
                 pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
                 vp_stage: Optional[int] = None, fp8_recipe=None, pg_collection=None, **mcore_overrides) -> GPTModel:
-    """A GPTModel for this pipeline stage; `model(input_ids, position_ids, attention_mask)` gives logits.
+    """A GPTModel for this pipeline stage, on this rank's device; `model(input_ids, position_ids,
+    attention_mask)` gives logits.
 
     `backend` is 'local', 'te' or None (TE when importable on a GPU). Extra keyword arguments set
     megatron-core TransformerConfig fields (bf16, fp8, recompute, ...).
@@ -45,4 +46,8 @@ def build_model(config: DSV3Config, backend: Optional[str] = None, *, spec: str 
         pg_collection=pg_collection,
     )
     model.dsv3_config = config
-    return model
+    if any(p.is_meta for p in model.parameters()):  # built for counting or deferred initialisation
+        return model
+    # On the rank's device, as Megatron-LM's get_model moves it: megatron-core creates torch norms on the CPU
+    # whatever the config says (a no-op on CPU machines).
+    return model.to(runtime.device())

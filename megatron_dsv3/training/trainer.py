@@ -55,8 +55,7 @@ class Trainer:
                            timeout_minutes=args.distributed_timeout_minutes)
         self.rank = torch.distributed.get_rank()
         global_vars.set_args(args)  # megatron.training's config builders below read the flags from here
-        chunks = [chunk.to(runtime.device()) for chunk in self._build_chunks(model_kwargs)]  # as Megatron-LM's
-        # get_model does: megatron-core creates norms (torch.nn.RMSNorm) on the CPU whatever the config says
+        chunks = self._build_chunks(model_kwargs)
         if args.bf16 or args.fp16:  # Megatron-LM's --bf16/--fp16: 16-bit weights and compute, FP32 main weights
             chunks = [Float16Module(chunk.config, chunk) for chunk in chunks]
         ddp_config = get_megatron_ddp_config(args)
