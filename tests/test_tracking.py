@@ -105,6 +105,28 @@ def test_offline_run_history_roundtrip(offline_env):
     assert os.path.isfile(os.path.join(run_dir, "files", image["moe/expert_load_heatmap/path"]))
 
 
+def test_run_file_read_while_written_gives_its_complete_records(offline_env, tmp_path):
+    """wandb-core appends to the .wandb file asynchronously: a read that lands mid-record returns the records
+    written so far (read_history then waits for the exit record) instead of failing on the partial one."""
+    pytest.importorskip("wandb")
+    from megatron_dsv3.tracking.offline_history import read_records
+    from megatron_dsv3.tracking.wandb_tracker import WandbTracker
+
+    with WandbTracker("dsv3-test", exp_name="t", save_dir=str(offline_env / "runs"), rank=0) as tracker:
+        for step in range(1, 40):
+            tracker.log({"lm loss": 3.0 - 0.01 * step}, step=step)
+        run_dir = tracker.run_dir
+    read_history(run_dir)  # the run is complete
+    (path,) = [os.path.join(run_dir, f) for f in os.listdir(run_dir) if f.endswith(".wandb")]
+    data = open(path, "rb").read()
+    full = [r.SerializeToString() for r in read_records(path)]
+    for cut in sorted({7, 20, len(data) // 3, len(data) // 2, len(data) - 3, len(data) - 1}):
+        part = tmp_path / f"cut{cut}.wandb"
+        part.write_bytes(data[:cut])
+        got = [r.SerializeToString() for r in read_records(str(part))]
+        assert got == full[: len(got)] and len(got) < len(full), cut
+
+
 def test_nonzero_rank_is_noop(offline_env):
     pytest.importorskip("wandb")
     from megatron_dsv3.tracking.wandb_tracker import WandbTracker

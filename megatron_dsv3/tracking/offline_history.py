@@ -16,7 +16,8 @@ import time
 
 
 def read_records(path: str) -> list:
-    """Decode a .wandb file (leveldb-log framing of protobuf Records) without any network access."""
+    """Decode a .wandb file (leveldb-log framing of protobuf Records) without any network access. A file still
+    being written ends in a partial record: only the complete ones are returned."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     with open(path, "rb") as f:
@@ -33,6 +34,8 @@ def read_records(path: str) -> list:
         if kind == 0:  # zero padding to the end of the block
             pos += left
             continue
+        if pos + 7 + length > len(data):  # wandb-core has not written this chunk out yet
+            break
         chunk = data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind == 1:
