@@ -47,17 +47,12 @@ def matmul_peak_tflops(device: str, n: int = 8192, iters: int = 10) -> float:
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     for _ in range(3):
         a @ b
-    _sync(device)
+    speed.synchronize()
     t = time.perf_counter()
     for _ in range(iters):
         a @ b
-    _sync(device)
+    speed.synchronize()
     return 2 * n**3 * iters / (time.perf_counter() - t) / 1e12
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def microbatch_flops(cfg, seq: int, micro_batch: int, model_kwargs: dict, device: str) -> int:

@@ -37,6 +37,12 @@ DECODE_SHAPE = dict(vocab_size=2048, hidden_size=256, intermediate_size=768, moe
                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
 
 
+def synchronize() -> None:
+    """Wait for the GPU kernels still queued, so a timing covers them (nothing to wait for without CUDA)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def interleaved(runs: dict, repeats: int, between=None) -> dict[str, float]:
     """Median seconds of each callable, run round-robin `repeats` times after one warm-up each; `between()`
     runs untimed before every call (to clear what the previous call left behind)."""
@@ -51,8 +57,7 @@ def interleaved(runs: dict, repeats: int, between=None) -> dict[str, float]:
                 between()
             t = time.perf_counter()
             fn()
-            if torch.cuda.is_initialized():  # kernels still queued belong to this call
-                torch.cuda.synchronize()
+            synchronize()
             times[name].append(time.perf_counter() - t)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
