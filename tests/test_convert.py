@@ -387,3 +387,31 @@ def test_write_part_digests_are_the_written_files_sha256(tmp_path):
     assert sorted(digests) == files and len(files) >= 1
     for path, digest in digests.items():
         assert digest == hashlib.sha256(path.read_bytes()).hexdigest(), path
+
+
+def test_write_part_skips_torch_save_crc32_in_every_writer_thread_and_loads_back(tmp_path):
+    """DCP's writer threads torch.save each item without the per-record CRC32 (the setting is per thread, so it
+    must be made in the thread that writes; integrity.json's SHA-256 covers the files), the caller's setting is
+    left as it was, and the part loads back exactly."""
+    import re
+    import struct
+
+    from megatron_dsv3.checkpoint import dcp_io
+
+    g = torch.Generator().manual_seed(1)
+    chunks = [(f"t{i}", (n, 4), (0, 0), torch.randn(n, 4, generator=g)) for i, n in enumerate((3, 9000, 20000, 5))]
+    assert torch.serialization.get_crc32_options()
+    dcp_io.write_part(tmp_path / "part", chunks)
+    assert torch.serialization.get_crc32_options()
+    files = sorted((tmp_path / "part").glob("*.distcp"))
+    assert len(files) == 2  # both writer threads wrote a file
+    for path in files:
+        data = path.read_bytes()
+        crcs = [struct.unpack_from("<I", data, m.start() + 16)[0] for m in re.finditer(b"PK\x01\x02", data)]  # central directory's CRC-32 field
+        assert crcs and not any(crcs), path
+    dcp_io.merge_parts([tmp_path / "part"], tmp_path / "merged")  # as the converter publishes a part
+    reader = dcp_io.CheckpointReader(str(tmp_path / "merged"))
+    for key, shape, offsets, tensor in chunks:
+        out = torch.empty_like(tensor)
+        dcp_io.load_regions(reader, [(key, offsets, out)])
+        assert torch.equal(out, tensor), key
