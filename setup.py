@@ -22,9 +22,9 @@ setup(
         "te": ["transformer-engine[pytorch]>=2.3"],
     },
     entry_points={"console_scripts": [
-        "dsv3-pretrain = megatron_dsv3.training.pretrain:main",
-        "dsv3-convert = megatron_dsv3.checkpoint.convert:cli",
-        "dsv3-generate = megatron_dsv3.inference.cli:cli",
-        "dsv3-eplb = megatron_dsv3.inference.eplb_cli:main",
+        "dsv3-pretrain = megatron_dsv3.cli.launch:pretrain",
+        "dsv3-convert = megatron_dsv3.cli.launch:convert",
+        "dsv3-generate = megatron_dsv3.cli.launch:generate",
+        "dsv3-eplb = megatron_dsv3.cli.launch:eplb",
     ]},
 )

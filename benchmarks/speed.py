@@ -294,10 +294,15 @@ def convert_section(args) -> dict:
             subprocess.run([sys.executable, "-c", copy_shards, "fsync" if durable else "-", str(out),
                             *map(str, shards)], check=True)
 
+        command = Path(sys.executable).with_name("dsv3-convert")  # the console script, as users run it
+        if not command.is_file():
+            raise SystemExit(f"speed.py convert: no {command}; install the package into this interpreter "
+                             "(`make install`)")
+
         def convert():
             out = work / "mcore"
-            subprocess.run([sys.executable, "-m", "megatron_dsv3.checkpoint.convert", "hf-to-mcore", "--input",
-                            str(hf_dir), "--output", str(out), "--no-progress"], check=True,
+            subprocess.run([str(command), "hf-to-mcore", "--input", str(hf_dir), "--output", str(out),
+                            "--no-progress"], check=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
         def settle():  # untimed: the last run's output goes, and nothing is left for the kernel to write back
