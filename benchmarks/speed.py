@@ -7,7 +7,8 @@ Sections (ratio < 1 means ours is faster):
   decode   greedy decoding of a random DeepSeek-V3-shaped HF model imported into ours: our latent-cache engine
            vs transformers `generate`, batch 1 and 8, tokens checked identical
   spec     MTP speculative vs plain greedy decoding on the `make run` model (trained here if missing)
-  train    one fwd+bwd+AdamW step: ours vs megatron-core's native DeepSeek-V3 specs vs transformers; MTP on/off
+  train    one fwd+bwd+AdamW step: ours vs megatron-core's native DeepSeek-V3 specs vs transformers; MTP on/off;
+           ours with --moe-grouped-gemm
   trainer  dsv3-pretrain's tokens/s vs a bare forward+backward+AdamW loop of the same model and batch
   convert  dsv3-convert hf-to-mcore vs a plain safetensors read + write of the same >= 1 GB checkpoint
 Ends with one JSON line of every ratio.
@@ -200,15 +201,21 @@ def train_section(args) -> dict:
     native = m.build_model(cfg, backend="local", spec="mcore-native").to(args.device)
     hf = transformers.DeepseekV3ForCausalLM(hf_config).to(args.device)
     mtp_model = m.build_model(cfg.replace(num_nextn_predict_layers=1), backend="local").to(args.device)
+    # --moe-grouped-gemm: the local backend's grouped experts (bitwise equal to SequentialMLP's, which both
+    # specs use by default, as megatron-core does without the flag)
+    grouped = m.build_model(cfg, backend="local", moe_grouped_gemm=True).to(args.device)
     runs = {"ours": _step_fn(ours, adam(ours), mcore_forward), "native": _step_fn(native, adam(native), mcore_forward),
             "transformers": _step_fn(hf, adam(hf), hf_forward),
-            "ours_mtp": _step_fn(mtp_model, adam(mtp_model), mcore_forward)}
+            "ours_mtp": _step_fn(mtp_model, adam(mtp_model), mcore_forward),
+            "ours_grouped": _step_fn(grouped, adam(grouped), mcore_forward)}
     t = interleaved(runs, args.repeats * 2)
     tok = args.train_batch * args.train_seq
     print(f"train step: ours {tok / t['ours']:.0f} tok/s; ours/native {t['ours'] / t['native']:.3f}, "
-          f"ours/transformers {t['ours'] / t['transformers']:.3f}, MTP on/off {t['ours_mtp'] / t['ours']:.3f}")
+          f"ours/transformers {t['ours'] / t['transformers']:.3f}, MTP on/off {t['ours_mtp'] / t['ours']:.3f}, "
+          f"ours with --moe-grouped-gemm/native {t['ours_grouped'] / t['native']:.3f}")
     return {"train_ours_over_native": t["ours"] / t["native"], "train_ours_over_transformers": t["ours"] / t["transformers"],
-            "train_mtp_on_over_off": t["ours_mtp"] / t["ours"]}
+            "train_mtp_on_over_off": t["ours_mtp"] / t["ours"],
+            "train_grouped_gemm_over_native": t["ours_grouped"] / t["native"]}
 
 
 def trainer_section(args) -> dict:
