@@ -415,3 +415,33 @@ def test_write_part_skips_torch_save_crc32_in_every_writer_thread_and_loads_back
         out = torch.empty_like(tensor)
         dcp_io.load_regions(reader, [(key, offsets, out)])
         assert torch.equal(out, tensor), key
+
+
+def test_hashing_stream_hashes_exactly_what_reaches_the_file_through_short_writes(tmp_path):
+    """Large buffers go through in pieces, and a raw file that takes fewer bytes than offered still ends up
+    with every byte once, and the digest of exactly those bytes."""
+    import hashlib
+    import io
+
+    from megatron_dsv3.checkpoint.dcp_io import _HashingStream
+
+    class Stingy(io.RawIOBase):  # takes at most 100,000 bytes a call, as an unbuffered file may
+        def __init__(self, f):
+            self.f = f
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            return self.f.write(bytes(memoryview(b)[:100_000]))
+
+    data = [torch.randn(n, generator=torch.Generator().manual_seed(n)).numpy().tobytes() for n in (3, 300_000, 70_001)]
+    for raw_of in (lambda f: f, Stingy):
+        path = tmp_path / "out.bin"
+        with open(path, "wb") as f:
+            stream = _HashingStream(raw_of(f))
+            for chunk in data:
+                assert stream.write(memoryview(chunk)) == len(chunk)
+        expected = b"".join(data)
+        assert path.read_bytes() == expected
+        assert stream.hash.hexdigest() == hashlib.sha256(expected).hexdigest()
