@@ -280,6 +280,12 @@ def convert_section(args) -> dict:
 
     import transformers
 
+    command = Path(sys.executable).with_name("dsv3-convert")  # the console script, as users run it
+    if not command.is_file():
+        command = shutil.which("dsv3-convert")
+    if command is None:
+        raise SystemExit(f"speed.py convert: no dsv3-convert next to {sys.executable} or on PATH; install the "
+                         "package into this interpreter (`make install`)")
     work = Path(tempfile.mkdtemp(prefix="dsv3-speed-convert-"))
     try:
         hf_dir = work / "hf"
@@ -300,11 +306,6 @@ def convert_section(args) -> dict:
             out.mkdir(exist_ok=True)
             subprocess.run([sys.executable, "-c", copy_shards, "fsync" if durable else "-", str(out),
                             *map(str, shards)], check=True)
-
-        command = Path(sys.executable).with_name("dsv3-convert")  # the console script, as users run it
-        if not command.is_file():
-            raise SystemExit(f"speed.py convert: no {command}; install the package into this interpreter "
-                             "(`make install`)")
 
         def convert():
             out = work / "mcore"
