@@ -8,7 +8,7 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
-from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.moe_layer import MoESubmodules
 from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 from megatron.core.transformer.multi_latent_attention import MLASelfAttentionSubmodules
 from megatron.core.transformer.multi_token_prediction import (
@@ -28,6 +28,7 @@ from megatron.core.transformer.transformer_layer import (
 from megatron_dsv3 import registry
 from megatron_dsv3.attention.mla import DSV3MLASelfAttention
 from megatron_dsv3.model.backends import Backend
+from megatron_dsv3.moe.dispatcher import DSV3MoELayer
 from megatron_dsv3.moe.router import DeepSeekRouter
 
 
@@ -68,7 +69,7 @@ def moe_builder(config, backend: Backend):
     """DeepSeekMoE: shared experts plus fine-grained routed experts behind the DeepSeek router."""
     shared = partial(SharedExpertMLP, submodules=_mlp_submodules(backend))
     return partial(
-        MoELayer,
+        DSV3MoELayer,
         submodules=MoESubmodules(
             experts=backend.provider.grouped_mlp_modules(config.moe_grouped_gemm),
             shared_experts=shared if config.moe_shared_expert_intermediate_size else None,
