@@ -36,17 +36,21 @@ class MLACoreAttention(MegatronModule):
         if attention_mask is None and mask_type == AttnMaskType.causal and sq == sk:
             out = _causal_attention(q, k, v, dropout_p, self.softmax_scale)
         else:
-            if attention_mask is not None:
-                allowed = ~attention_mask.bool()
-            elif mask_type == AttnMaskType.causal:
-                # Bottom-right aligned, so decoding with a cache (sq < sk) sees every earlier key.
-                allowed = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
-            else:
-                allowed = None
+            allowed = _allowed(attention_mask, mask_type, sq, sk, q.device)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p,
                                                  scale=self.softmax_scale)
         b, heads, s, dv = out.shape
         return out.permute(2, 0, 1, 3).reshape(s, b, heads * dv)
+
+
+def _allowed(attention_mask, mask_type, sq: int, sk: int, device) -> Optional[torch.Tensor]:
+    """Which keys each query may see: megatron-core's mask inverted, or causal aligned bottom-right, so that
+    decoding with a cache (sq < sk) sees every earlier key."""
+    if attention_mask is not None:
+        return ~attention_mask.bool()
+    if mask_type == AttnMaskType.causal:
+        return torch.ones(sq, sk, dtype=torch.bool, device=device).tril(diagonal=sk - sq)
+    return None
 
 
 def _causal_attention(q, k, v, dropout_p: float, scale: Optional[float]):
