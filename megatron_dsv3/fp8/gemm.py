@@ -12,7 +12,7 @@ import torch
 
 from .quantize import check_block_shape, dequantize_blockwise, quantize_blockwise
 
-__all__ = ["fp8_gemm", "fp8_matmul", "round_mantissa_"]
+__all__ = ["fp8_gemm", "fp8_matmul", "promoted_gemm", "round_mantissa_"]
 
 # Cap on the (chunks x rows x N) working tensor of the limited-precision path, in elements.
 _WORK_ELEMENTS = 1 << 22
@@ -107,11 +107,21 @@ def fp8_gemm(
         )
     a = dequantize_blockwise(a_data, a_scale_inv, a_block)
     b = dequantize_blockwise(b_data, b_scale_inv, b_block)
+    return promoted_gemm(a, b, promotion_interval, accumulator_mantissa_bits).to(out_dtype)
+
+
+def promoted_gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    promotion_interval: Optional[int] = 128,
+    accumulator_mantissa_bits: Optional[int] = None,
+) -> torch.Tensor:
+    """The accumulation half of `fp8_gemm`: ``A @ B.T`` in FP32 from already dequantized FP32 A [M, K], B [N, K]."""
     k = a.shape[1]
     size = k if promotion_interval is None else min(promotion_interval, k)
     chunks = math.ceil(k / size) if k else 0
     if chunks == 0:
-        return torch.zeros(a.shape[0], b.shape[0], dtype=out_dtype, device=a.device)
+        return torch.zeros(a.shape[0], b.shape[0], dtype=torch.float32, device=a.device)
     if accumulator_mantissa_bits is None:
         partial = _chunk_sums_exact(a, b, chunks, size)
     else:
@@ -119,7 +129,7 @@ def fp8_gemm(
     out = partial[0].clone()
     for c in range(1, chunks):
         out += partial[c]
-    return out.to(out_dtype)
+    return out
 
 
 def fp8_matmul(

@@ -11,8 +11,9 @@ from typing import Optional
 
 import torch
 
-from .gemm import _check_promotion, fp8_gemm
-from .quantize import FP8_DTYPE, FP8_E4M3_MAX, check_block_shape, quantize_blockwise
+from .gemm import _check_promotion, promoted_gemm
+from .quantize import (FP8_DTYPE, FP8_E4M3_MAX, check_block_shape, quantize_dequantize_blockwise,
+                       round_to_e4m3)
 
 __all__ = ["FP8Config", "FP8BlockwiseLinearFunction", "cast_unscaled", "fp8_dgrad", "fp8_fprop", "fp8_linear",
            "fp8_wgrad"]
@@ -61,10 +62,11 @@ def cast_unscaled(x: torch.Tensor, block_shape) -> tuple:
     return data, torch.ones(grid, dtype=torch.float32, device=x.device)
 
 
-def _quantize(x: torch.Tensor, block, cfg: FP8Config, name: str):
+def _quantize_dequantize(x: torch.Tensor, block, cfg: FP8Config, name: str) -> torch.Tensor:
+    """What the FP8 GEMM computes with: x's E4M3 values times their block scales, in FP32."""
     if cfg.scaling == "none":
-        return cast_unscaled(x, block)
-    return quantize_blockwise(x, block, cfg.power_2_scale, name=name)
+        return round_to_e4m3(x.to(torch.float32).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX))
+    return quantize_dequantize_blockwise(x, block, cfg.power_2_scale, name=name)
 
 
 def _qgemm(a: torch.Tensor, a_block, b: torch.Tensor, b_block, cfg: FP8Config, names) -> torch.Tensor:
@@ -75,9 +77,9 @@ def _qgemm(a: torch.Tensor, a_block, b: torch.Tensor, b_block, cfg: FP8Config, n
         from .native import native_qgemm
 
         return native_qgemm(a, a_block, b, b_block, cfg, names)
-    aq, asi = _quantize(a, a_block, cfg, names[0])
-    bq, bsi = _quantize(b, b_block, cfg, names[1])
-    return fp8_gemm(aq, asi, a_block, bq, bsi, b_block, cfg.promotion_interval, cfg.accumulator_mantissa_bits)
+    return promoted_gemm(_quantize_dequantize(a, a_block, cfg, names[0]),
+                         _quantize_dequantize(b, b_block, cfg, names[1]),
+                         cfg.promotion_interval, cfg.accumulator_mantissa_bits)
 
 
 def fp8_fprop(x: torch.Tensor, weight: torch.Tensor, cfg: FP8Config) -> torch.Tensor:

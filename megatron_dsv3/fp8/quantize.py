@@ -13,9 +13,10 @@ __all__ = [
     "FP8_E4M3_MAX",
     "FP8_DTYPE",
     "quantize_blockwise",
+    "quantize_dequantize_blockwise",
+    "round_to_e4m3",
     "dequantize_blockwise",
     "scale_from_amax",
-    "expand_block_scale",
     "check_block_shape",
 ]
 
@@ -23,6 +24,7 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_E4M3_MAX = 448.0  # largest finite float8_e4m3fn value
 _FP32_MAX = torch.finfo(torch.float32).max
 _FP32_EXPONENT_MASK = 0x7F800000
+_ROUNDING_MAGIC = 1.5 * 2.0 ** 23
 
 
 def check_block_shape(block_shape: Sequence[int], what: str = "block_shape") -> tuple[int, int]:
@@ -50,15 +52,27 @@ def _grid(rows: int, cols: int, block: tuple[int, int]) -> tuple[int, int]:
     return math.ceil(rows / block[0]), math.ceil(cols / block[1])
 
 
-def _block_amax(x2d: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """Per-block max |x| in FP32; edge blocks are zero-padded, which cannot change an abs-max."""
+def _blocks(x2d: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """View a [rows, cols] matrix as [row blocks, b0, col blocks, b1], zero-padding partial edge blocks."""
     rows, cols = x2d.shape
     nb0, nb1 = _grid(rows, cols, block)
     pad_r, pad_c = nb0 * block[0] - rows, nb1 * block[1] - cols
-    a = x2d.abs()
     if pad_r or pad_c:
-        a = torch.nn.functional.pad(a, (0, pad_c, 0, pad_r))
-    return a.view(nb0, block[0], nb1, block[1]).amax(dim=(1, 3))
+        x2d = torch.nn.functional.pad(x2d, (0, pad_c, 0, pad_r))
+    return x2d.view(nb0, block[0], nb1, block[1])
+
+
+def _unblock(blocks: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """The inverse of `_blocks`: back to [rows, cols], cutting off the padding."""
+    nb0, b0, nb1, b1 = blocks.shape
+    full = blocks.reshape(nb0 * b0, nb1 * b1)
+    return full if full.shape == (rows, cols) else full[:rows, :cols]
+
+
+def _scale_blocks(x2d: torch.Tensor, per_block: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """x2d [rows, cols] times one FP32 factor per block, broadcast over the block (no per-element copy of it)."""
+    rows, cols = x2d.shape
+    return _unblock(_blocks(x2d, block) * per_block[:, None, :, None], rows, cols)
 
 
 def scale_from_amax(amax: torch.Tensor, power_2_scale: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,10 +93,21 @@ def scale_from_amax(amax: torch.Tensor, power_2_scale: bool = True) -> tuple[tor
     return scale, scale_inv
 
 
-def expand_block_scale(scale: torch.Tensor, block: tuple[int, int], rows: int, cols: int) -> torch.Tensor:
-    """Broadcast a per-block grid to a (rows, cols) per-element tensor, cutting off partial edge blocks."""
-    full = scale.repeat_interleave(block[0], dim=0).repeat_interleave(block[1], dim=1)
-    return full[:rows, :cols]
+def _scaled_blocks(x: torch.Tensor, block_shape: Sequence[int], power_2_scale: bool, name: str):
+    """x as [row blocks, b0, col blocks, b1] times its block scales, clamped to +-448; and the FP32 scale_inv."""
+    block = check_block_shape(block_shape)
+    x2d = _as_2d(x, name)
+    if not x2d.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    blocks = _blocks(x2d.to(torch.float32), block)
+    amax = blocks.abs().amax(dim=(1, 3))  # zero padding cannot change an abs-max; NaN and Inf propagate
+    if not bool(torch.isfinite(amax).all()):
+        n_bad = int((~torch.isfinite(x2d)).sum().item())
+        raise ValueError(
+            f"cannot quantize {name!r}: it contains {n_bad} non-finite value(s) (NaN/Inf) out of {x2d.numel()}"
+        )
+    scale, scale_inv = scale_from_amax(amax, power_2_scale)
+    return (blocks * scale[:, None, :, None]).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX), scale_inv
 
 
 def quantize_blockwise(
@@ -98,21 +123,36 @@ def quantize_blockwise(
     (ceil(rows/b0), ceil(cols/b1)) and satisfies ``x ~= data * scale_inv`` block by block.
     Use block_shape (1, 128) for activations and (128, 128) for weights. Raises ValueError on NaN/Inf.
     """
-    block = check_block_shape(block_shape)
-    x2d = _as_2d(x, name)
-    if not x2d.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-    n_bad = int((~torch.isfinite(x2d)).sum().item())
-    if n_bad:
-        raise ValueError(
-            f"cannot quantize {name!r}: it contains {n_bad} non-finite value(s) (NaN/Inf) out of {x2d.numel()}"
-        )
-    xf = x2d.to(torch.float32)
-    rows, cols = xf.shape
-    scale, scale_inv = scale_from_amax(_block_amax(xf, block), power_2_scale)
-    scaled = xf * expand_block_scale(scale, block, rows, cols)
-    data = scaled.clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8_DTYPE)
-    return data.view(x.shape), scale_inv
+    scaled, scale_inv = _scaled_blocks(x, block_shape, power_2_scale, name)
+    rows, cols = x.reshape(-1, x.shape[-1]).shape
+    return _unblock(scaled, rows, cols).to(FP8_DTYPE).view(x.shape), scale_inv
+
+
+def round_to_e4m3(v: torch.Tensor) -> torch.Tensor:
+    """FP32 values in [-448, 448] rounded to the nearest E4M3 value, ties to even, in FP32: the bits of
+    ``v.to(float8_e4m3fn).float()`` without its conversions, which run one element at a time on CPU."""
+    # E4M3 keeps 3 mantissa bits, so its values are 2^(e-3) apart in [2^e, 2^(e+1)), and 2^-9 apart below
+    # 2^-6 (subnormals). Keeping v's exponent bits gives 2^e (0 for zeros and FP32 denormals).
+    spacing = (v.view(torch.int32) & _FP32_EXPONENT_MASK).view(torch.float32).mul_(0.125).clamp_min_(2.0 ** -9)
+    steps = v / spacing  # exact (a power of two), and within +-16
+    # Adding and removing 1.5 * 2^23 rounds an FP32 of magnitude < 2^22 to an integer, ties to even, as the
+    # FPU rounds the sum; copysign keeps the sign of values that round to zero, as the E4M3 cast does.
+    steps.add_(_ROUNDING_MAGIC).sub_(_ROUNDING_MAGIC)
+    return torch.copysign(steps, v).mul_(spacing)
+
+
+def quantize_dequantize_blockwise(
+    x: torch.Tensor,
+    block_shape: Sequence[int],
+    power_2_scale: bool = True,
+    *,
+    name: str = "x",
+) -> torch.Tensor:
+    """``dequantize_blockwise(*quantize_blockwise(x, ...))`` as an FP32 [rows, cols] matrix, bit for bit: the
+    operands of the emulated FP8 GEMMs, computed without materialising E4M3 codes."""
+    scaled, scale_inv = _scaled_blocks(x, block_shape, power_2_scale, name)
+    rows, cols = x.reshape(-1, x.shape[-1]).shape
+    return _unblock(round_to_e4m3(scaled).mul_(scale_inv[:, None, :, None]), rows, cols)
 
 
 def dequantize_blockwise(
@@ -138,6 +178,5 @@ def dequantize_blockwise(
             f"scale_inv has shape {tuple(scale_inv.shape)} but data of matrix shape {(rows, cols)} with "
             f"block_shape {block} needs {expected}"
         )
-    si = expand_block_scale(scale_inv.to(device=d2d.device, dtype=torch.float32), block, rows, cols)
-    out = d2d.to(torch.float32) * si
+    out = _scale_blocks(d2d.to(torch.float32), scale_inv.to(device=d2d.device, dtype=torch.float32), block)
     return out.to(dtype).view(data.shape)

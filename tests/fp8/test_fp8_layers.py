@@ -67,13 +67,13 @@ def test_high_precision_modules_never_reach_the_quantizer(runtime, monkeypatch):
     import megatron_dsv3 as m
 
     seen = []
-    real = fp8_linear_module.quantize_blockwise
+    real = fp8_linear_module.quantize_dequantize_blockwise
 
     def spy(x, *args, **kwargs):
         seen.append((x, kwargs.get("name")))
         return real(x, *args, **kwargs)
 
-    monkeypatch.setattr(fp8_linear_module, "quantize_blockwise", spy)
+    monkeypatch.setattr(fp8_linear_module, "quantize_dequantize_blockwise", spy)
     cfg = m.presets.get_preset("tiny")
     model = m.build_model(cfg, backend="local", fp8_recipe=FP8Config())
     # every routed expert must see tokens: record the weights fed to the quantizer by identity

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megatron_dsv3.fp8 import dequantize_blockwise, quantize_blockwise
+from megatron_dsv3.fp8.quantize import quantize_dequantize_blockwise, round_to_e4m3
 
 F32_MAX = float(np.finfo(np.float32).max)
 
@@ -86,6 +87,34 @@ def test_bit_exact_extremes_and_odd_blocks(pow2):
     _, sinv = quantize_blockwise(torch.tensor([[1e-40, 2e-41]]), (1, 2), power_2_scale=pow2)
     expected = 2.0 ** -127 if pow2 else float(np.float32(1.0 / F32_MAX))
     assert sinv.item() == expected
+
+
+def test_fp32_rounding_to_e4m3_is_the_cast_bit_for_bit():
+    """Every E4M3 value, every midpoint between neighbours and one FP32 step either side of it (ties to even),
+    signed zeros, FP32 denormals, and random values over the whole range."""
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    codes = codes[torch.isfinite(codes)]
+    values = codes.unique().double()
+    mids = ((values[1:] + values[:-1]) / 2).float()
+    g = torch.Generator().manual_seed(3)
+    v = torch.cat([codes, mids, torch.nextafter(mids, torch.tensor(np.inf)), torch.nextafter(mids, torch.tensor(-np.inf)),
+                   torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-40, -3e-39, 448.0, -448.0]),
+                   (torch.rand(200_000, generator=g) * 2 - 1) * 448,
+                   torch.randn(200_000, generator=g) * torch.exp(4 * torch.randn(200_000, generator=g))]).clamp(-448, 448)
+    expected = v.to(torch.float8_e4m3fn).float()
+    assert torch.equal(round_to_e4m3(v).view(torch.int32), expected.view(torch.int32))
+
+
+@pytest.mark.parametrize("shape", [(130, 257), (1, 5), (300, 129), (256, 256)])
+@pytest.mark.parametrize("block", [(1, 128), (128, 128), (3, 5)])
+@pytest.mark.parametrize("pow2", [True, False])
+def test_quantize_dequantize_is_the_two_steps_bit_for_bit(shape, block, pow2):
+    x = make_input(shape, seed=7, dtype=torch.float32)
+    data, sinv = quantize_blockwise(x, block, power_2_scale=pow2)
+    two_steps = dequantize_blockwise(data, sinv, block)
+    assert torch.equal(quantize_dequantize_blockwise(x, block, pow2).view(torch.int32), two_steps.view(torch.int32))
+    with pytest.raises(ValueError, match="'act'.*non-finite"):
+        quantize_dequantize_blockwise(torch.tensor([[1.0, float("nan")]]), block, pow2, name="act")
 
 
 def test_zero_block_has_unit_scale_and_zero_codes():
