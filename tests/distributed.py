@@ -1,4 +1,4 @@
-"""Launch a tests/dist worker under torchrun on gloo and collect its per-rank JSON."""
+"""Launch a tests/dist worker on gloo ranks and collect its per-rank JSON."""
 import json
 import os
 import socket
@@ -15,10 +15,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(worker: str, nproc: int, out_dir: Path, *args: str, timeout: int = 300) -> list[dict]:
+def gloo_ranks(worker: str, nproc: int, out_dir: Path, *args: str, timeout: int = 300) -> list[dict]:
+    """Run tests/dist/`worker` on `nproc` gloo ranks (forked by tests/dist/forkrun.py) and read rank{r}.json."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           f"--master-port={free_port()}", str(REPO / "tests" / "dist" / worker), str(out_dir), *args]
+    dist_dir = REPO / "tests" / "dist"
+    cmd = [sys.executable, str(dist_dir / "forkrun.py"), str(nproc), str(free_port()), str(dist_dir / worker),
+           str(out_dir), *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]

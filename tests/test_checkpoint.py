@@ -10,7 +10,7 @@ from megatron.core import tensor_parallel
 import megatron_dsv3 as m
 from megatron_dsv3.checkpoint import dist as ckpt
 from megatron_dsv3.checkpoint.dist import CheckpointError, load_checkpoint, save_checkpoint
-from tests.distributed import torchrun
+from tests.distributed import gloo_ranks
 from tests.dist.ckpt_common import batch, build, expert_biases, train_step
 
 @pytest.fixture(scope="module")
@@ -190,7 +190,7 @@ def test_a_garbled_latest_falls_back_to_the_newest_intact_checkpoint(cfg, saved,
 
 @pytest.mark.slow
 def test_ep2_save_load_round_trip(tmp_path):
-    results = torchrun("ckpt_ep_roundtrip.py", 2, tmp_path, "2")
+    results = gloo_ranks("ckpt_ep_roundtrip.py", 2, tmp_path, "2")
     for rank, r in enumerate(results):
         assert r["mismatched"] == [], (rank, r["mismatched"])
         assert r["checked"] > 0 and r["experts_checked"] > 0 and r["bias_checked"] > 0

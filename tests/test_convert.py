@@ -16,7 +16,7 @@ from megatron_dsv3.checkpoint import convert
 from megatron_dsv3.checkpoint.dist import load_checkpoint
 from megatron_dsv3.checkpoint.hf import config_from_hf
 from megatron_dsv3.fp8 import dequantize_blockwise, quantize_blockwise
-from tests.distributed import REPO, torchrun
+from tests.distributed import REPO, gloo_ranks
 from tests.hf_oracle import random_hf_model, tiny_hf_config
 from tests.test_hf_import import _mtp_tensors, _per_expert_layout
 
@@ -349,7 +349,7 @@ def test_ep2_layout_round_trip(runtime, tmp_path):
     src = write_hf(tmp_path / "hf", state, config)
     assert convert.main(["hf-to-mcore", "--input", str(src), "--output", str(tmp_path / "ckpt"),
                          "--no-progress"]) == 0
-    results = torchrun("convert_ep2.py", 2, tmp_path / "out", str(src), str(tmp_path))
+    results = gloo_ranks("convert_ep2.py", 2, tmp_path / "out", str(src), str(tmp_path))
     assert all(r["loaded_experts"] == 4 for r in results)
     assert convert.main(["mcore-to-hf", "--input", str(tmp_path / "trained"), "--output",
                          str(tmp_path / "back"), "--hf-config", str(src / "config.json"),

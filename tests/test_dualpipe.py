@@ -7,7 +7,7 @@ import megatron_dsv3 as m
 from megatron_dsv3.model.init import init_layout_independent
 from megatron_dsv3.training.step import forward_step
 from tests.dist.dualpipe_grads import batches
-from tests.distributed import torchrun
+from tests.distributed import gloo_ranks
 
 
 def _reference(layers: int, microbatches: int, forward_only: bool):
@@ -37,7 +37,7 @@ def _losses_in_order(ranks: list[dict], pp: int) -> list:
 @pytest.mark.parametrize("schedule,pp,layers,microbatches,ep", CASES,
                          ids=[f"{c[0]}-pp{c[1]}" + (f"-ep{c[4]}" if c[4] > 1 else "") for c in CASES])
 def test_losses_and_gradients_match_no_pipelining(runtime, tmp_path, schedule, pp, layers, microbatches, ep):
-    ranks = torchrun("dualpipe_grads.py", pp * ep, tmp_path, schedule, str(layers), str(microbatches), "0", str(ep))
+    ranks = gloo_ranks("dualpipe_grads.py", pp * ep, tmp_path, schedule, str(layers), str(microbatches), "0", str(ep))
     ref_losses, ref_grads = _reference(layers, microbatches * ep, forward_only=False)
     got = _losses_in_order(ranks, pp)
     assert len(got) == microbatches * ep
@@ -51,7 +51,7 @@ def test_losses_and_gradients_match_no_pipelining(runtime, tmp_path, schedule, p
 
 @pytest.mark.slow
 def test_forward_only_gives_the_same_losses(runtime, tmp_path):
-    ranks = torchrun("dualpipe_grads.py", 2, tmp_path, "dualpipev", "4", "4", "1")
+    ranks = gloo_ranks("dualpipe_grads.py", 2, tmp_path, "dualpipev", "4", "4", "1")
     ref_losses, _ = _reference(4, 4, forward_only=True)
     assert ranks[0]["losses"] == []
     assert [s for s, _ in ranks[1]["losses"]] == pytest.approx([s for s, _ in ref_losses], rel=1e-6)
@@ -63,7 +63,7 @@ def test_overlapped_pairs_run_both_halves_at_once_and_change_no_number(tmp_path)
     """PP=2 x EP=2, every all-to-all delayed 50 ms: with overlap each F&B pair's forward (helper thread) and
     backward (this thread) run at the same time, each chunk on its own communicators; without, one after
     the other. The losses are bitwise the same either way (the gradients are checked above)."""
-    ranks = torchrun("dualpipe_overlap.py", 4, tmp_path, "0.05")
+    ranks = gloo_ranks("dualpipe_overlap.py", 4, tmp_path, "0.05")
     for r in ranks:
         assert r["overlap"]["losses"] == r["sequential"]["losses"]
         for mode in ("overlap", "sequential"):
