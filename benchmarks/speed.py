@@ -7,7 +7,8 @@ Sections (ratio < 1 means ours is faster):
   decode   greedy decoding of a random DeepSeek-V3-shaped HF model imported into ours: our latent-cache engine
            vs transformers `generate`, batch 1 and 8, tokens checked identical
   spec     MTP speculative vs plain greedy decoding on the `make run` model (trained here if missing)
-  train    one fwd+bwd+AdamW step: ours vs megatron-core's native DeepSeek-V3 specs vs transformers; MTP on/off;
+  train    one fwd+bwd+AdamW step: ours vs megatron-core's native DeepSeek-V3 specs vs transformers; MTP on/off
+           beside the FLOP ratio MTP adds (torch.utils.flop_counter on the same batch);
            ours with --moe-grouped-gemm
   trainer  dsv3-pretrain's tokens/s vs a bare forward+backward+AdamW loop of the same model and batch
   convert  dsv3-convert hf-to-mcore vs a plain safetensors read + write of the same >= 1 GB checkpoint
@@ -154,21 +155,36 @@ def _register_native_spec():
         registry.register(registry.ModelSpec("mcore-native", block, lambda *a, **k: None))
 
 
-def _step_fn(model, optimizer, forward):
+def _reset_megatron_step_state():
     from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
     from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
 
+    destroy_moe_metrics_tracker()  # models with and without MTP log different layer counts
+    # A backward outside megatron-core's schedules leaves 0-d loss scales that its schedules (which set
+    # [1]-shaped ones) cannot copy into; the trainer section runs those schedules in this process.
+    MoEAuxLossAutoScaler.main_loss_backward_scale, MTPLossAutoScaler.main_loss_backward_scale = None, torch.tensor(1.0)
+
+
+def _step_fn(model, optimizer, forward):
     def step():
         loss = forward(model)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        destroy_moe_metrics_tracker()  # models with and without MTP log different layer counts
-        # A backward outside megatron-core's schedules leaves 0-d loss scales that its schedules (which set
-        # [1]-shaped ones) cannot copy into; the trainer section runs those schedules in this process.
-        MoEAuxLossAutoScaler.main_loss_backward_scale, MTPLossAutoScaler.main_loss_backward_scale = None, torch.tensor(1.0)
+        _reset_megatron_step_state()
     return step
+
+
+def _step_flops(model, forward) -> int:
+    """Forward + backward FLOPs of one step, counted by torch's FLOP counter (matmuls, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        forward(model).backward()
+    model.zero_grad(set_to_none=True)
+    _reset_megatron_step_state()
+    return counter.get_total_flops()
 
 
 def train_section(args) -> dict:
@@ -208,13 +224,16 @@ def train_section(args) -> dict:
             "transformers": _step_fn(hf, adam(hf), hf_forward),
             "ours_mtp": _step_fn(mtp_model, adam(mtp_model), mcore_forward),
             "ours_grouped": _step_fn(grouped, adam(grouped), mcore_forward)}
+    # The arithmetic MTP adds (a full MoE layer, eh_proj, a second head and cross-entropy), counted on the same
+    # batch: the time ratio is judged against it, since no schedule makes a FLOP free.
+    mtp_flops = _step_flops(mtp_model, mcore_forward) / _step_flops(ours, mcore_forward)
     t = interleaved(runs, args.repeats * 2)
     tok = args.train_batch * args.train_seq
     print(f"train step: ours {tok / t['ours']:.0f} tok/s; ours/native {t['ours'] / t['native']:.3f}, "
-          f"ours/transformers {t['ours'] / t['transformers']:.3f}, MTP on/off {t['ours_mtp'] / t['ours']:.3f}, "
-          f"ours with --moe-grouped-gemm/native {t['ours_grouped'] / t['native']:.3f}")
+          f"ours/transformers {t['ours'] / t['transformers']:.3f}, MTP on/off {t['ours_mtp'] / t['ours']:.3f} "
+          f"(FLOPs {mtp_flops:.3f}), ours with --moe-grouped-gemm/native {t['ours_grouped'] / t['native']:.3f}")
     return {"train_ours_over_native": t["ours"] / t["native"], "train_ours_over_transformers": t["ours"] / t["transformers"],
-            "train_mtp_on_over_off": t["ours_mtp"] / t["ours"],
+            "train_mtp_on_over_off": t["ours_mtp"] / t["ours"], "train_mtp_flops_on_over_off": mtp_flops,
             "train_grouped_gemm_over_native": t["ours_grouped"] / t["native"]}
 
 
