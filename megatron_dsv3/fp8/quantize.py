@@ -59,7 +59,7 @@ def _blocks(x2d: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     pad_r, pad_c = nb0 * block[0] - rows, nb1 * block[1] - cols
     if pad_r or pad_c:
         x2d = torch.nn.functional.pad(x2d, (0, pad_c, 0, pad_r))
-    return x2d.view(nb0, block[0], nb1, block[1])
+    return x2d.view(nb0, block[0], nb1, block[1])  # splitting dims is a view for any strides
 
 
 def _unblock(blocks: torch.Tensor, rows: int, cols: int) -> torch.Tensor:

@@ -117,6 +117,17 @@ def test_quantize_dequantize_is_the_two_steps_bit_for_bit(shape, block, pow2):
         quantize_dequantize_blockwise(torch.tensor([[1.0, float("nan")]]), block, pow2, name="act")
 
 
+@pytest.mark.parametrize("block", [(1, 128), (128, 128)])
+def test_strided_input_quantizes_as_its_contiguous_copy(block):
+    """A transposed weight (W^T for dgrad) is a strided view: same codes, scales and FP32 operands as its copy."""
+    wt = make_input((256, 384), seed=5, dtype=torch.float32).t()
+    data, sinv = quantize_blockwise(wt, block)
+    assert_bit_exact(wt.contiguous(), block, True)
+    rdata, rsinv = quantize_blockwise(wt.contiguous(), block)
+    assert torch.equal(data.view(torch.uint8), rdata.view(torch.uint8)) and torch.equal(sinv, rsinv)
+    assert torch.equal(quantize_dequantize_blockwise(wt, block), dequantize_blockwise(rdata, rsinv, block))
+
+
 def test_zero_block_has_unit_scale_and_zero_codes():
     data, sinv = quantize_blockwise(torch.zeros(3, 300), (1, 128))
     assert torch.all(sinv == 1.0) and sinv.shape == (3, 3)
