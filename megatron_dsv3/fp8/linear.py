@@ -6,16 +6,14 @@ transposed operands (W^T for dgrad, dy^T and x^T for wgrad) from high precision 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional
 
 import torch
 
 from .gemm import _check_promotion, promoted_gemm
-from .quantize import (FP8_DTYPE, FP8_E4M3_MAX, check_block_shape, quantize_dequantize_blockwise,
-                       round_to_e4m3)
+from .quantize import FP8_E4M3_MAX, check_block_shape, quantize_dequantize_blockwise, round_to_e4m3
 
-__all__ = ["FP8Config", "FP8BlockwiseLinearFunction", "cast_unscaled", "fp8_dgrad", "fp8_fprop", "fp8_linear",
+__all__ = ["FP8Config", "FP8BlockwiseLinearFunction", "fp8_dgrad", "fp8_fprop", "fp8_linear",
            "fp8_wgrad"]
 
 
@@ -52,14 +50,6 @@ class FP8Config:
         for field in ("weight_block", "act_block"):
             block = check_block_shape(getattr(self, field), f"FP8Config.{field}")
             object.__setattr__(self, field, block)
-
-
-def cast_unscaled(x: torch.Tensor, block_shape) -> tuple:
-    """The no-scaling control: clamp to +-448 and cast to E4M3 with scale 1 (scale_inv all ones)."""
-    x2d = x.reshape(-1, x.shape[-1]).to(torch.float32)
-    grid = (math.ceil(x2d.shape[0] / block_shape[0]), math.ceil(x2d.shape[1] / block_shape[1]))
-    data = x2d.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8_DTYPE)
-    return data, torch.ones(grid, dtype=torch.float32, device=x.device)
 
 
 def _quantize_dequantize(x: torch.Tensor, block, cfg: FP8Config, name: str) -> torch.Tensor:

@@ -94,7 +94,8 @@ def scale_from_amax(amax: torch.Tensor, power_2_scale: bool = True) -> tuple[tor
 
 
 def _scaled_blocks(x: torch.Tensor, block_shape: Sequence[int], power_2_scale: bool, name: str):
-    """x as [row blocks, b0, col blocks, b1] times its block scales, clamped to +-448; and the FP32 scale_inv."""
+    """x as [row blocks, b0, col blocks, b1] times its block scales, clamped to +-448; the FP32 scale_inv;
+    and x's matrix shape."""
     block = check_block_shape(block_shape)
     x2d = _as_2d(x, name)
     if not x2d.is_floating_point():
@@ -107,7 +108,7 @@ def _scaled_blocks(x: torch.Tensor, block_shape: Sequence[int], power_2_scale: b
             f"cannot quantize {name!r}: it contains {n_bad} non-finite value(s) (NaN/Inf) out of {x2d.numel()}"
         )
     scale, scale_inv = scale_from_amax(amax, power_2_scale)
-    return (blocks * scale[:, None, :, None]).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX), scale_inv
+    return (blocks * scale[:, None, :, None]).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX), scale_inv, x2d.shape
 
 
 def quantize_blockwise(
@@ -123,8 +124,7 @@ def quantize_blockwise(
     (ceil(rows/b0), ceil(cols/b1)) and satisfies ``x ~= data * scale_inv`` block by block.
     Use block_shape (1, 128) for activations and (128, 128) for weights. Raises ValueError on NaN/Inf.
     """
-    scaled, scale_inv = _scaled_blocks(x, block_shape, power_2_scale, name)
-    rows, cols = x.reshape(-1, x.shape[-1]).shape
+    scaled, scale_inv, (rows, cols) = _scaled_blocks(x, block_shape, power_2_scale, name)
     return _unblock(scaled, rows, cols).to(FP8_DTYPE).view(x.shape), scale_inv
 
 
@@ -150,8 +150,7 @@ def quantize_dequantize_blockwise(
 ) -> torch.Tensor:
     """``dequantize_blockwise(*quantize_blockwise(x, ...))`` as an FP32 [rows, cols] matrix, bit for bit: the
     operands of the emulated FP8 GEMMs, computed without materialising E4M3 codes."""
-    scaled, scale_inv = _scaled_blocks(x, block_shape, power_2_scale, name)
-    rows, cols = x.reshape(-1, x.shape[-1]).shape
+    scaled, scale_inv, (rows, cols) = _scaled_blocks(x, block_shape, power_2_scale, name)
     return _unblock(round_to_e4m3(scaled).mul_(scale_inv[:, None, :, None]), rows, cols)
 
 

@@ -46,10 +46,10 @@ def main() -> int:
     while ranks:
         pid, status = os.wait()
         rank, code = ranks.pop(pid), os.waitstatus_to_exitcode(status)
-        if code != 0 and not failed:  # as torchrun does: one failed rank ends the others, which may be waiting on it
-            for other in ranks:
-                os.kill(other, signal.SIGKILL)
         if code != 0:
+            if not failed:  # as torchrun does: the first failed rank ends the others, which may wait on it
+                for other in ranks:
+                    os.kill(other, signal.SIGKILL)
             failed.append(f"rank {rank} exited with {code}")
     if failed:
         print("forkrun: " + "; ".join(failed), file=sys.stderr)
